@@ -1,0 +1,73 @@
+"""``tessera``: one CLI for every stage; each sub-command lives in ``cluster/commands/<name>.py``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cluster.config import ConfigError
+
+# Sub-command modules, each exposing ``register(subparsers)``; imported lazily so ``tessera --help``
+# stays fast and a command's heavy imports (torch, ray, deepspeed) load only when it runs.
+COMMAND_MODULES = (
+    "cluster.commands.ingest",
+    "cluster.commands.tokenizer",
+    "cluster.commands.train",
+    "cluster.commands.sample",
+    "cluster.commands.plan",
+    "cluster.commands.demo",
+)
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_run_dir: str | None = None) -> None:
+    """Flags every command shares: a TOML config, overrides, a run folder and the Ray cluster."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config field, e.g. --set engine.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=default_run_dir or f"runs/{parser.prog.split()[-1]}",
+        help="where logs, the embedded MLflow store and local checkpoints go",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default="local",
+        help='Ray cluster: "local" starts one in-process; "auto" or ray://head:10001 joins one',
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tessera", description="Distributed training of text-to-image models on Ray + DeepSpeed."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"tessera: config error:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluations: judge model, FID/KID, alignment, contamination checks (see ARCHITECTURE.md)."""

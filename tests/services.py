@@ -1,0 +1,170 @@
+"""Real services for the test session: Ceph RGW, a moto S3 server, an MLflow tracking server.
+
+Each starts on 127.0.0.1 with free ports and is stopped by PID (never ``pkill``/``ray stop``: other
+people's processes share the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CEPH_SCRIPT = REPO / "infra" / "object-store-ceph.sh"
+CEPH_BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError as exc:  # refused / reset / HTTP error
+            if hasattr(exc, "code"):
+                return  # an HTTP error status still means the server is up
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@dataclass
+class S3Store:
+    """An S3-compatible endpoint with credentials and one bucket for the tests."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    stop_pids: list[int] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+    def url(self, prefix: str) -> str:
+        """A fresh ``s3://`` prefix so tests never see each other's objects."""
+        return f"s3://{self.bucket}/{prefix}-{uuid.uuid4().hex[:8]}"
+
+    def create_bucket(self) -> None:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            key=self.access_key,
+            secret=self.secret_key,
+            endpoint_url=self.endpoint,
+            skip_instance_cache=True,
+        )
+        if not fs.exists(self.bucket):
+            fs.mkdir(self.bucket)
+
+
+def start_ceph(workdir: Path) -> S3Store:
+    missing = [name for name in CEPH_BINARIES if shutil.which(name) is None]
+    if missing:
+        raise RuntimeError(
+            f"Ceph binaries missing ({', '.join(missing)}): `make test` installs them "
+            "(apt-get install radosgw ceph-mon ceph-osd)"
+        )
+    port, mon_port = free_port(), free_port()
+    subprocess.run(
+        ["bash", str(CEPH_SCRIPT), str(workdir), str(port), str(mon_port)],
+        check=True,
+        timeout=240,
+        stdout=subprocess.DEVNULL,
+    )
+    pids = [int(p.read_text()) for p in (workdir / "run").glob("*.pid")]
+    store = S3Store(f"http://127.0.0.1:{port}", "testkey", "testsecret", "tessera-test", pids)
+    store.create_bucket()
+    return store
+
+
+def start_moto() -> tuple[S3Store, object]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    store = S3Store(f"http://{host}:{port}", "motokey", "motosecret", "tessera-moto")
+    store.create_bucket()
+    return store, server
+
+
+def stop_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class MlflowServer:
+    """An ``mlflow server`` process with a SQLite backend and artifacts proxied to S3."""
+
+    db_path: Path
+    artifacts_uri: str
+    s3: S3Store
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        env = {
+            **os.environ,
+            **self.s3.env,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.db_path}",
+            "--artifacts-destination",
+            self.artifacts_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        log = open(self.db_path.with_suffix(".log"), "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+        wait_for_http(f"{self.uri}/health", timeout, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
