@@ -1,0 +1,72 @@
+"""``tessera sample``: draw images for prompts from a trained DALL-E checkpoint; grid to a PNG and MLflow.
+
+Sampling settings come from ``[dalle.sampling]`` of the config; the flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from cluster.cli import add_common_args
+from cluster.config import load_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="draw images for prompts from a DALL-E checkpoint (KV-cache decoding, top-k/top-p, CFG)",
+        description="Prompts -> image codes (KV-cache decoding) -> dVAE decode -> image grid (PNG + MLflow).",
+    )
+    add_common_args(parser)
+    parser.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
+    parser.add_argument("--checkpoint", default="auto", help='checkpoint URL; "auto": newest of the run')
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--guidance-scale", type=float, help="1 = off; >1 = classifier-free guidance")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (slow)")
+    parser.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
+    parser.set_defaults(func=main)
+
+
+SAMPLING_FLAGS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "guidance_scale": "guidance_scale",
+    "seed": "seed",
+}
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from trainer.stages.dalle import DalleStageConfig, default_prompts, draw_samples
+    from trainer.tracking import Tracker, image_grid
+
+    overrides = list(args.overrides)
+    for flag, field in SAMPLING_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"dalle.sampling.{field}={value}")
+    if args.no_cache:
+        overrides.append("dalle.sampling.use_cache=false")
+    config = load_config(DalleStageConfig, args.config, overrides)
+    prompts = args.prompt or config.dalle.sample_prompts or default_prompts()
+    images, codes = draw_samples(config, prompts, args.checkpoint, args.device)
+
+    os.makedirs(args.run_dir, exist_ok=True)
+    grid_path = os.path.join(args.run_dir, "samples.png")
+    Image.fromarray(image_grid(images, nrow=min(8, len(prompts)))).save(grid_path)
+    torch.save({"prompts": prompts, "codes": codes}, os.path.join(args.run_dir, "samples.pt"))
+    with Tracker(config.run.experiment, f"{config.run.name}-samples", run_dir=args.run_dir) as tracker:
+        tracker.log_params({"checkpoint": args.checkpoint, "sampling": config.dalle.sampling.model_dump()})
+        tracker.log_dict({"prompts": prompts}, "samples/prompts.json")
+        tracker.log_image_grid(images, "samples/grid.png", nrow=min(8, len(prompts)))
+        run_id = tracker.run_id
+    print(json.dumps({"grid": grid_path, "prompts": prompts, "mlflow_run_id": run_id}, indent=2))
+    return 0

@@ -1,0 +1,77 @@
+"""``tessera train <stage>``: one training stage, in this process, under torchrun or on Ray Train."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+
+from cluster.cli import add_common_args
+from cluster.config import load_config
+
+# Stage name -> module exposing CONFIG (its pydantic schema) and train(config) -> summary dict.
+# Imported lazily: `tessera --help` must not pay for torch and DeepSpeed.
+STAGES: dict[str, str] = {
+    "dvae": "trainer.stages.dvae",
+    "dalle": "trainer.stages.dalle",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train one stage (dvae, ...) with DeepSpeed",
+        description="Train a stage from a TOML config; resumes from its newest checkpoint by default.",
+    )
+    parser.add_argument("stage", choices=sorted(STAGES))
+    add_common_args(parser)
+    parser.add_argument(
+        "--launcher",
+        choices=("process", "torchrun", "ray"),
+        default="process",
+        help="process: this process (or each rank under an outside torchrun/deepspeed launcher); "
+        "torchrun: spawn --num-workers local ranks; ray: Ray Train on --ray-address",
+    )
+    parser.add_argument("--num-workers", type=int, default=1, help="ranks for torchrun / Ray Train")
+    # Each run gets its own folder (runs/<run.name>) unless the file or --run-dir names one: two stages
+    # sharing a folder would resume from each other's checkpoints.
+    parser.set_defaults(func=main, run_dir=None)
+
+
+def load_stage_config(args: argparse.Namespace):
+    """The stage's typed config; run folder: ``--run-dir``, else the file's, else ``runs/<run.name>``."""
+    module = importlib.import_module(STAGES[args.stage])
+    config = load_config(module.CONFIG, args.config, args.overrides)
+    run_dir = args.run_dir or config.run.run_dir or os.path.join("runs", config.run.name)
+    run = config.run.model_copy(
+        update={"run_dir": _absolute(run_dir), "checkpoint_dir": _absolute(config.run.checkpoint_dir)}
+    )
+    data = config.data.model_copy(
+        update={
+            name: _absolute(getattr(config.data, name))
+            for name in ("manifest", "validation_manifest", "tokenizer")
+        }
+    )
+    return module, config.model_copy(update={"run": run, "data": data})
+
+
+def _absolute(url: str | None) -> str | None:
+    """Local paths made absolute: torchrun and Ray workers do not start in this directory."""
+    return url if url is None or "://" in url else os.path.abspath(url)
+
+
+def main(args: argparse.Namespace) -> int:
+    from cluster.launch import launch
+
+    module, config = load_stage_config(args)
+    summary = launch(
+        module.train,
+        config,
+        mode=args.launcher,
+        num_workers=args.num_workers,
+        ray_address=args.ray_address,
+        storage_path=config.run.run_dir,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

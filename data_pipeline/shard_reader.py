@@ -1,0 +1,168 @@
+"""Read a window of entries from one WebDataset shard and decode them to uint8 arrays, or say why not.
+
+Entries are counted in tar order with webdataset's own member grouping (``base_plus_ext``), so the
+loader can ask for entries ``[lo, hi)`` of a shard: members before ``lo`` are skipped without being
+read out or decoded, and the stream is abandoned as soon as entry ``hi`` begins. Every position in
+the window yields exactly one outcome, a ``Sample`` or a ``Rejected`` with a reason, so padding and
+exactly-once bookkeeping never lose count when a shard is damaged.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from data_pipeline import storage
+
+# Large reads: one GET per 16 MiB of shard instead of many small ranged requests.
+READ_BLOCK_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    url: str
+    image: np.ndarray  # (H, W, 3) uint8
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    key: str
+    url: str
+    reason: str
+    detail: str
+
+    def message(self) -> str:
+        return f"shard {self.url}: sample '{self.key}': {self.reason} ({self.detail})"
+
+
+class _WindowDone(Exception):
+    """Raised from the member filter once entry ``hi`` begins: the rest of the tar is not needed."""
+
+
+class _EntryWindow:
+    """Counts entries as member names go by and selects only those inside ``[lo, hi)``."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.index = -1
+        self.prefix: str | None = None
+
+    def select(self, fname: str) -> bool:
+        prefix, _ = base_plus_ext(fname)
+        if prefix is None:  # no extension: not part of any sample (webdataset drops these too)
+            return False
+        if prefix != self.prefix:
+            self.index += 1
+            self.prefix = prefix
+            if self.index >= self.hi:
+                raise _WindowDone
+        return self.index >= self.lo
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(pid: int, protocol: str, credentials: tuple[tuple[str, str], ...]):
+    """One filesystem per (process, store): a new s3fs instance costs ~0.5 s, and instances must not
+    cross a fork, hence the pid in the key; the credentials are there because tests switch stores."""
+    return storage.filesystem(f"{protocol}://")[0]
+
+
+def open_shard(url: str) -> IO[bytes]:
+    if storage.is_local(url):
+        return open(url.removeprefix("file://"), "rb")
+    protocol = url.split("://", 1)[0]
+    fs = _filesystem(os.getpid(), protocol, tuple(sorted(storage.credential_env().items())))
+    return fs.open(fs._strip_protocol(url), "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
+
+
+def iter_entries(url: str, lo: int, hi: int) -> Iterator[tuple[int, dict[str, Any] | Rejected]]:
+    """``(index, members)`` for every entry index in ``[lo, hi)``; ``members`` maps extension -> bytes.
+
+    Indices the tar does not deliver (truncated or cut short) come back as ``Rejected('truncated_tar')``.
+    """
+    window = _EntryWindow(lo, hi)
+    failure: list[str] = []
+
+    def handler(exn: Exception) -> bool:
+        if not isinstance(exn, _WindowDone):
+            failure.append(str(exn).split(" @ ")[0])  # webdataset appends the stream object's repr
+        return False  # stop this shard either way
+
+    current: dict[str, Any] | None = None
+    current_index = -1
+    with open_shard(url) as stream:
+        try:
+            for member in tar_file_iterator(stream, handler=handler, select_files=window.select):
+                if window.index != current_index:
+                    if current is not None:
+                        yield current_index, current
+                    current, current_index = {"__key__": window.prefix}, window.index
+                _, ext = base_plus_ext(member["fname"])
+                ext = ext.lower()
+                if ext in current:
+                    current.setdefault("__duplicate__", ext)
+                current[ext] = member["data"]
+        except (tarfile.TarError, EOFError) as exc:
+            failure.append(str(exc))
+    # An entry is whole once the window has moved past it, or when the tar ended cleanly after it.
+    if current is not None and (not failure or current_index < window.index):
+        yield current_index, current
+        next_index = current_index + 1
+    else:
+        next_index = current_index if current is not None else lo
+    detail = failure[0] if failure else "the shard has fewer entries than the manifest says"
+    for index in range(max(lo, next_index), hi):
+        key = current["__key__"] if current is not None and index == current_index else f"<entry {index}>"
+        yield index, Rejected(key, url, "truncated_tar", detail)
+
+
+def is_unsafe(key: str) -> bool:
+    """A member path that would land outside the extraction directory (absolute or with ``..``)."""
+    return key.startswith("/") or ".." in key.split("/")
+
+
+def decode_entry(members: dict[str, Any], url: str, image_size: int) -> Sample | Rejected:
+    """JPEG straight to a uint8 (H, W, 3) array; caption and metadata checked; no float conversion."""
+    key = members["__key__"]
+
+    def reject(reason: str, detail: str) -> Rejected:
+        return Rejected(key, url, reason, detail)
+
+    if is_unsafe(key):
+        return reject("unsafe_member", "member path escapes the shard directory")
+    if "__duplicate__" in members:
+        return reject("duplicate_member", f"two '.{members['__duplicate__']}' members")
+    if "jpg" not in members:
+        return reject("missing_image", "no .jpg member")
+    if "txt" not in members:
+        return reject("missing_caption", "no .txt member")
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as img:
+            image = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
+        return reject("undecodable_image", f"{type(exc).__name__}: {exc}")
+    if image.shape != (image_size, image_size, 3):
+        return reject(
+            "wrong_image_size", f"{image.shape[1]}x{image.shape[0]}, expected {image_size}x{image_size}"
+        )
+    try:
+        caption = members["txt"].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject("bad_caption", f"not UTF-8: {exc}")
+    try:
+        meta = json.loads(members["json"]) if "json" in members else {}
+    except ValueError as exc:
+        return reject("bad_metadata", f"not JSON: {exc}")
+    return Sample(key, url, image, caption, meta)

@@ -1,0 +1,108 @@
+"""DeepSpeed MoE in the DALL-E transformer: expert parallelism, exact top-2 resume, aux loss, config rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import ConfigError, validate
+from tests.services import free_port
+from trainer.models.dalle import DalleConfig, DalleTransformer
+from trainer.models.moe import MoEConfig, MoEFeedForward
+from trainer.stages.dalle import DalleStageConfig, make_loss_fn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def moe_config(**moe) -> DalleConfig:
+    return DalleConfig(
+        text_vocab_size=40,
+        text_len=6,
+        image_vocab_size=16,
+        image_side=4,
+        depth=4,
+        heads=2,
+        head_dim=8,
+        moe=MoEConfig(enabled=True, **moe),
+    )
+
+
+def test_moe_every_k_layers_and_aux_loss_enters_the_loss():
+    config = moe_config(every=2, num_experts=4, aux_loss_weight=0.5)
+    torch.manual_seed(0)
+    model = DalleTransformer(config)
+    kinds = [type(block.ffn).__name__ for block in model.blocks]
+    assert kinds == ["DenseFeedForward", "MoEFeedForward"] * 2
+    text = torch.randint(1, 40, (2, 6))
+    codes = torch.randint(0, 16, (2, 16))
+    batch = {"text": text, "codes": codes}
+    torch.manual_seed(1)
+    loss, metrics = make_loss_fn(config)(model, batch, 0)
+    # Top-1 with 4 experts: each layer's GShard aux loss is E * sum(me * ce) >= 1 (1 when balanced).
+    assert metrics["moe_aux_loss"] >= 2.0 - 1e-6
+    weighted = metrics["text_loss"] / 8 + metrics["image_loss"] * 7 / 8
+    assert float(loss.detach()) == pytest.approx(weighted + 0.5 * metrics["moe_aux_loss"], rel=1e-6)
+    loss.backward()
+    gate = model.blocks[1].ffn.moe.deepspeed_moe.gate.wg.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0  # the aux loss trains the router
+
+
+def test_moe_model_builds_on_meta_and_counts_all_experts():
+    with torch.device("meta"):
+        dense = DalleTransformer(moe_config(every=2, num_experts=4).model_copy(update={"moe": MoEConfig()}))
+        sparse = DalleTransformer(moe_config(every=2, num_experts=4))
+    ffn = sum(p.numel() for p in dense.blocks[1].ffn.parameters())
+    extra = sum(p.numel() for p in sparse.parameters()) - sum(p.numel() for p in dense.parameters())
+    router = 4 * dense.config.width  # one gate row per expert, no bias
+    assert extra == 2 * (3 * ffn + router)  # two MoE layers, each with three more FFNs and a router
+    assert isinstance(sparse.blocks[3].ffn, MoEFeedForward)
+
+
+def test_config_rules_fail_before_launch():
+    base = {
+        "data": {"manifest": "file:///nowhere/manifest.json", "tokenizer": "tokenizer.json", "text_len": 6},
+        "model": moe_config(every=2).model_dump(),
+        "dalle": {"dvae_config": "configs/dvae/tiny.toml"},
+    }
+    validate(DalleStageConfig, base)
+    with pytest.raises(ConfigError, match="DeepSpeed's native MoE refuses ZeRO-3"):
+        validate(DalleStageConfig, {**base, "engine": {"zero_stage": 3}})
+    bad_split = {**base["model"], "moe": {"enabled": True, "num_experts": 3, "ep_size": 2}}
+    with pytest.raises(ConfigError, match=r"model.moe.*divisible by ep_size"):
+        validate(DalleStageConfig, {**base, "model": bad_split})
+
+
+def test_expert_parallel_equals_single_group_and_top2_resume_is_exact(tmp_path):
+    """One 2-rank torchrun launch (gloo, DeepSpeed on CPU); see tests/dist/dalle_moe.py."""
+    out = tmp_path / "moe.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "dist" / "dalle_moe.py"),
+        str(out),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    ep = results["ep"]
+    # Same weights, batches and routing noise: ep_size=2 moves tokens by all-to-all instead of keeping
+    # them local, which only reorders float32 sums (observed differences ~3e-7).
+    assert ep["ep2"] == pytest.approx(ep["ep1"], rel=1e-5)
+    assert ep["ep2_aux"] == pytest.approx(ep["ep1_aux"], rel=1e-5)
+    assert ep["ep1"][-1] < ep["ep1"][0]
+    resume = results["resume"]
+    assert resume["resumed"] == resume["reference"]  # bit-identical: the RNG came back with the weights
+    assert resume["no_rng"][3:] != resume["reference"][3:]  # without it top-2's noise diverges

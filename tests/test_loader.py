@@ -1,0 +1,417 @@
+"""The rank-aware resumable loader: exactly-once per epoch at any world size, across resumes, on bad shards.
+
+Shards are written with the ingest's own ``ShardWriter`` and ``Manifest`` (tiny 32 px images, uneven
+shard sizes); damaged shards are built by hand with ``webdataset.TarWriter``. Exactly-once is checked
+with ``SampleLedger`` against the keys read back from the tars themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from itertools import zip_longest
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset
+from PIL import Image
+
+from data_pipeline import storage
+from data_pipeline.ledger import SampleLedger, manifest_keys, sample_id
+from data_pipeline.loader import LoaderError, merge_states, open_loader
+from data_pipeline.loader_plan import merge_intervals, rank_batches, subtract_intervals
+from data_pipeline.manifest import Manifest, ShardEntry, SourceLineage, load_manifest, save_manifest
+from data_pipeline.shards import ShardWriter
+from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
+
+IMAGE_SIZE = 32
+UNEVEN = (7, 13, 5, 20, 1, 11)  # 57 samples: no world size or batch size divides the shards evenly
+
+
+def jpeg(seed: int, size: int = IMAGE_SIZE) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def sample_members(key: str, seed: int) -> dict[str, bytes]:
+    return {
+        "jpg": jpeg(seed),
+        "txt": f"a picture number {seed}".encode(),
+        "json": json.dumps({"key": key, "n": seed}).encode(),
+    }
+
+
+def write_dataset(dest: str, sizes: tuple[int, ...], extra: list[ShardEntry] = ()) -> Manifest:
+    """Good shards of the given sizes through the ingest's ShardWriter, plus ready-made ``extra`` shards."""
+    entries = []
+    for partition, count in enumerate(sizes):
+        writer = ShardWriter(dest, partition, max_bytes=2**30, max_samples=count)
+        for i in range(count):
+            key = f"s{partition:03d}-{i:05d}"
+            writer.write(key, sample_members(key, partition * 1000 + i))
+        entries += writer.close()
+    entries += list(extra)
+    manifest = Manifest(
+        source=SourceLineage(spec="test-fixture", kind="test"),
+        image_size=IMAGE_SIZE,
+        num_samples=sum(e.num_samples for e in entries),
+        total_bytes=sum(e.bytes for e in entries),
+        shards=entries,
+    )
+    save_manifest(manifest, dest)
+    return load_manifest(dest)
+
+
+def run_epoch(loaders, ledger: SampleLedger, steps: int | None = None) -> list[int]:
+    """Iterate the ranks' loaders in lockstep (as DDP would), recording valid rows; returns batch counts."""
+    counts = [0] * len(loaders)
+    streams = [iter(loader) for loader in loaders]
+    step = 0
+    while steps is None or step < steps:
+        batches = [next(stream, None) for stream in streams]
+        if all(b is None for b in batches):
+            break
+        for rank, batch in enumerate(batches):
+            if batch is not None:
+                counts[rank] += 1
+                ledger.record(batch, rank=rank, epoch=loaders[rank].epoch)
+        step += 1
+    for stream in streams:
+        stream.close()  # stops the workers, which have prefetched beyond what was consumed
+    return counts
+
+
+def loaders_for(manifest, world_size: int, **kwargs):
+    kwargs = {"batch_size": 4, "seed": 7, "num_workers": 0, **kwargs}
+    return [open_loader(manifest, rank=r, world_size=world_size, **kwargs) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return write_dataset(str(tmp_path_factory.mktemp("uneven")), UNEVEN)
+
+
+@pytest.fixture(scope="module")
+def all_keys(dataset: Manifest) -> set:
+    keys = manifest_keys(dataset)
+    assert len(keys) == sum(UNEVEN)
+    return keys
+
+
+def test_intervals_merge_and_subtract():
+    assert merge_intervals([(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]) == [(0, 3), (5, 9)]
+    assert subtract_intervals(0, 10, [(0, 2), (4, 5), (8, 12)]) == [(2, 4), (5, 8)]
+    assert subtract_intervals(3, 6, []) == [(3, 6)]
+
+
+def test_plan_covers_every_position_once_with_equal_batch_counts():
+    counts = list(UNEVEN)
+    consumed = {1: [(2, 9)], 3: [(0, 20)]}
+    for world_size in (1, 2, 3, 5, 64):
+        plans = [
+            rank_batches(
+                counts, seed=1, epoch=0, consumed=consumed, rank=r, world_size=world_size, batch_size=4
+            )
+            for r in range(world_size)
+        ]
+        assert len({len(plan) for plan in plans}) == 1
+        positions = [
+            (s.shard, i) for plan in plans for batch in plan for s in batch for i in range(s.lo, s.hi)
+        ]
+        expected = {(s, i) for s, n in enumerate(counts) for i in range(n)} - {(1, i) for i in range(2, 9)}
+        expected -= {(3, i) for i in range(20)}
+        assert len(positions) == len(set(positions)) and set(positions) == expected
+        assert all(sum(len(s) for s in batch) <= 4 for plan in plans for batch in plan)
+
+
+def test_one_epoch_one_rank_exactly_once(dataset, all_keys):
+    loader = open_loader(dataset, rank=0, world_size=1, batch_size=8, seed=0, num_workers=2)
+    expected_batches = len(loader)
+    ledger = SampleLedger()
+    batches = 0
+    for batch in loader:
+        batches += 1
+        ledger.record(batch)
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
+        assert batch["valid"].dtype == torch.bool and len(batch["caption"]) == 8
+        assert all(m["key"] == k for m, k, v in zip(batch["meta"], batch["__key__"], batch["valid"]) if v)
+    assert batches == expected_batches == -(-sum(UNEVEN) // 8)
+    ledger.check_exactly_once(all_keys, epoch=0)
+    assert loader.rejects == {}
+    assert len(loader) == 0  # the epoch is spent until set_epoch
+
+
+def test_decoded_pixels_match_the_jpeg(dataset):
+    loader = open_loader(dataset, rank=0, world_size=1, batch_size=4, seed=0, num_workers=0)
+    batch = next(iter(loader))
+    name, key = sample_id(batch["__url__"][0], batch["__key__"][0])
+    partition, index = int(name.split("-")[1]), int(key.split("-")[1])
+    reference = np.array(Image.open(io.BytesIO(jpeg(partition * 1000 + index))).convert("RGB"))
+    assert torch.equal(batch["image"][0], torch.from_numpy(reference).permute(2, 0, 1))
+    assert batch["caption"][0] == f"a picture number {partition * 1000 + index}"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_get_equal_batches_and_disjoint_samples(dataset, all_keys, world_size):
+    loaders = loaders_for(dataset, world_size, batch_size=5, num_workers=2 if world_size == 2 else 0)
+    lengths = [len(loader) for loader in loaders]
+    ledger = SampleLedger()
+    assert run_epoch(loaders, ledger) == lengths == [lengths[0]] * world_size
+    ledger.check_exactly_once(all_keys, epoch=0)
+    per_rank = ledger.per_rank(0)
+    assert max(per_rank.values()) - min(per_rank.values()) <= 1
+
+
+def test_more_ranks_than_samples_still_agree_on_batch_count(tmp_path):
+    manifest = write_dataset(str(tmp_path), (2, 1))
+    loaders = loaders_for(manifest, 5, batch_size=2)
+    ledger = SampleLedger()
+    assert run_epoch(loaders, ledger) == [1] * 5
+    ledger.check_exactly_once(manifest_keys(manifest), epoch=0)
+
+
+def key_order(manifest, seed: int, epoch: int) -> list[str]:
+    loader = open_loader(manifest, rank=0, world_size=1, batch_size=16, seed=seed, epoch=epoch, num_workers=0)
+    return [key for batch in loader for key, valid in zip(batch["__key__"], batch["valid"]) if valid]
+
+
+def test_permutation_is_seeded_and_changes_per_epoch(dataset):
+    first = key_order(dataset, seed=3, epoch=0)
+    assert first == key_order(dataset, seed=3, epoch=0)
+    assert first != key_order(dataset, seed=3, epoch=1)
+    assert first != key_order(dataset, seed=4, epoch=0)
+    assert sorted(first) == sorted(key_order(dataset, seed=3, epoch=1))
+
+
+def test_set_epoch_starts_a_fresh_epoch(dataset, all_keys):
+    loader = open_loader(dataset, rank=0, world_size=1, batch_size=16, seed=0, num_workers=0)
+    ledger = SampleLedger()
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            ledger.record(batch, epoch=epoch)
+        ledger.check_exactly_once(all_keys, epoch=epoch)
+
+
+@pytest.mark.parametrize(
+    ("before", "stop_step", "after"),
+    [(2, 3, 3), (3, 2, 1), (1, 5, 2), (2, 1, 2), (3, 0, 2), (2, 6, 1)],
+)
+def test_resume_any_world_size_is_exactly_once(dataset, all_keys, before, stop_step, after):
+    ledger = SampleLedger()
+    old = loaders_for(dataset, before, batch_size=3, num_workers=2)
+    run_epoch(old, ledger, steps=stop_step)
+    # What a checkpoint holds: the all-gathered rank states, through JSON.
+    saved = json.loads(json.dumps([loader.state_dict() for loader in old]))
+    new = loaders_for(dataset, after, batch_size=3, num_workers=2, seed=999)
+    for loader in new:
+        loader.load_state_dict(merge_states(saved))
+    assert len({len(loader) for loader in new}) == 1
+    counts = run_epoch(new, ledger)
+    assert len(set(counts)) == 1
+    ledger.check_exactly_once(all_keys, epoch=0)
+    # A second resume from the new ranks' states has nothing left to read.
+    final = merge_states([loader.state_dict() for loader in new])
+    assert sum(hi - lo for ivs in final["consumed"].values() for lo, hi in ivs) == sum(UNEVEN)
+
+
+def test_state_reflects_consumed_batches_not_prefetched(dataset):
+    loader = open_loader(dataset, rank=0, world_size=1, batch_size=4, seed=0, num_workers=2)
+    stream = iter(loader)
+    next(stream)
+    next(stream)
+    state = loader.state_dict()
+    stream.close()
+    assert sum(hi - lo for ivs in state["consumed"].values() for lo, hi in ivs) == 8
+
+
+def test_state_from_another_dataset_is_refused(dataset, tmp_path):
+    other = write_dataset(str(tmp_path), (3,))
+    state = open_loader(other, rank=0, world_size=1, batch_size=2, seed=0, num_workers=0).state_dict()
+    loader = open_loader(dataset, rank=0, world_size=1, batch_size=2, seed=0, num_workers=0)
+    with pytest.raises(LoaderError, match="3 samples"):
+        loader.load_state_dict(state)
+    with pytest.raises(LoaderError, match="disagree on epoch"):
+        merge_states([loader.state_dict(), {**loader.state_dict(), "epoch": 1}])
+
+
+def test_tokenizer_url_gives_text_of_the_right_shape(dataset, tmp_path):
+    url = train_tokenizer(
+        dataset.location, vocab_size=300, min_frequency=1, out_url=str(tmp_path / "tok.json")
+    )
+    loader = open_loader(
+        dataset, rank=0, world_size=1, batch_size=6, seed=0, num_workers=2, tokenizer=url, text_len=9
+    )
+    reference = load_tokenizer(url)
+    for batch in loader:
+        assert batch["text"].shape == (6, 9) and batch["text"].dtype == torch.long
+        assert torch.equal(batch["text"], reference.encode_batch(batch["caption"], 9))
+    with pytest.raises(ValueError, match="text_len"):
+        open_loader(dataset, rank=0, world_size=1, batch_size=6, seed=0, tokenizer=reference)
+
+
+def hostile_shard(dest: Path, name: str, samples: list[tuple[str, dict[str, bytes]]]) -> ShardEntry:
+    path = dest / name
+    with webdataset.TarWriter(str(path)) as writer:
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+    return entry_for(path, len(samples))
+
+
+def entry_for(path: Path, num_samples: int) -> ShardEntry:
+    data = path.read_bytes()
+    return ShardEntry(
+        name=path.name,
+        url=str(path),
+        num_samples=num_samples,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        partition=int(path.name.split("-")[1]),
+    )
+
+
+def escaping_shard(dest: Path, name: str, good_key: str) -> ShardEntry:
+    """A good sample, then a ``../escape.jpg`` member and an absolute ``/etc/evil.jpg`` member."""
+    path = dest / name
+    with tarfile.open(path, "w") as tar:
+        for member, data in [
+            *[(f"{good_key}.{ext}", payload) for ext, payload in sample_members(good_key, 1).items()],
+            ("../escape.jpg", jpeg(2)),
+            ("../escape.txt", b"escaped"),
+            ("/etc/evil.jpg", jpeg(3)),
+        ]:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return entry_for(path, 3)
+
+
+def fixture_keys(sizes: dict[int, int]) -> list[tuple[str, str]]:
+    """The sample ids ``write_dataset`` gives partition ``p`` with ``n`` samples, in tar order."""
+    return [(f"shard-{p:05d}-0000.tar", f"s{p:03d}-{i:05d}") for p, n in sizes.items() for i in range(n)]
+
+
+@pytest.fixture
+def damaged(tmp_path) -> Manifest:
+    """Two good shards, a shard with an undecodable jpg and a missing caption, one with escaping member
+    names, and one truncated inside its 4th of 6 samples."""
+    good = tmp_path / "good"
+    whole = write_dataset(str(tmp_path / "whole"), (0, 0, 0, 0, 6))
+    data = Path(whole.shard_url(whole.shards[0])).read_bytes()
+    good.mkdir()
+    truncated = good / "shard-00004-0000.tar"
+    truncated.write_bytes(data[: len(data) * 55 // 100])
+    extra = [
+        hostile_shard(
+            good,
+            "shard-00002-0000.tar",
+            [
+                ("bad-jpg", {"jpg": b"\xff\xd8 not a jpeg at all", "txt": b"broken", "json": b"{}"}),
+                ("no-caption", {"jpg": jpeg(5), "json": b"{}"}),
+                ("fine-2", sample_members("fine-2", 6)),
+            ],
+        ),
+        escaping_shard(good, "shard-00003-0000.tar", "fine-3"),
+        entry_for(truncated, 6),
+    ]
+    return write_dataset(str(good), (4, 3), extra)
+
+
+def test_bad_input_is_skipped_and_counted(damaged):
+    loaders = loaders_for(damaged, 2, batch_size=4, num_workers=2)
+    ledger = SampleLedger()
+    counts = run_epoch(loaders, ledger)
+    assert counts[0] == counts[1]
+    delivered = ledger.delivered(0)
+    assert max(delivered.values()) == 1
+    cut = fixture_keys({4: 6})
+    kept = [key for key in cut if key in delivered]
+    assert 1 <= len(kept) <= 4 and kept == cut[: len(kept)]  # the samples before the cut, nothing after
+    intact = {
+        *fixture_keys({0: 4, 1: 3}),
+        ("shard-00002-0000.tar", "fine-2"),
+        ("shard-00003-0000.tar", "fine-3"),
+    }
+    assert set(delivered) == intact | set(kept)
+    rejects = loaders[0].rejects + loaders[1].rejects
+    assert rejects == {
+        "undecodable_image": 1,
+        "missing_caption": 1,
+        "unsafe_member": 2,
+        "truncated_tar": 6 - len(kept),
+    }
+
+
+@pytest.mark.parametrize(
+    ("shard", "names"),
+    [
+        ("shard-00002-0000.tar", "'bad-jpg': undecodable_image"),
+        ("shard-00003-0000.tar", "'../escape': unsafe_member"),
+        ("shard-00004-0000.tar", "'s004-00003': truncated_tar \\(unexpected end of data\\)"),
+    ],
+)
+def test_strict_raises_naming_shard_and_key(damaged, shard, names):
+    only = damaged.model_copy(update={"shards": [s for s in damaged.shards if s.name == shard]})
+    only._location = damaged.location
+    loader = open_loader(only, rank=0, world_size=1, batch_size=8, seed=0, num_workers=1, strict=True)
+    with pytest.raises(LoaderError, match=f"strict loader: shard .*{shard}: sample {names}"):
+        list(loader)
+
+
+def test_ledger_reports_missing_and_duplicates(dataset, all_keys):
+    loader = open_loader(dataset, rank=0, world_size=1, batch_size=8, seed=0, num_workers=0)
+    batches = list(loader)
+    ledger = SampleLedger()
+    for batch in batches[1:] + batches[-1:]:
+        ledger.record(batch)
+    assert len(ledger.missing(all_keys, 0)) == int(batches[0]["valid"].sum())
+    assert set(ledger.duplicates(0)) == {
+        sample_id(u, k)
+        for u, k, v in zip(batches[-1]["__url__"], batches[-1]["__key__"], batches[-1]["valid"])
+        if v
+    }
+    with pytest.raises(AssertionError, match="missing.*duplicated"):
+        ledger.check_exactly_once(all_keys, epoch=0)
+
+
+def upload(manifest: Manifest, url: str) -> Manifest:
+    """Copy a local dataset to object storage; shard names resolve beside the manifest there."""
+    for entry in manifest.shards:
+        storage.publish_file(manifest.shard_url(entry), storage.join(url, entry.name))
+    save_manifest(manifest.model_copy(), url)  # a copy: saving re-points the manifest's location
+    return load_manifest(url)
+
+
+def test_epoch_from_moto_resumed_across_world_sizes(s3_moto, dataset, all_keys):
+    remote = upload(dataset, s3_moto.url("loader"))
+    assert remote.shard_url(remote.shards[0]).startswith("s3://")
+    ledger = SampleLedger()
+    old = loaders_for(remote, 2, batch_size=4, num_workers=2)
+    run_epoch(old, ledger, steps=2)
+    state = merge_states([loader.state_dict() for loader in old])
+    new = loaders_for(remote.location, 3, batch_size=4, num_workers=1)
+    for loader in new:
+        loader.load_state_dict(state)
+    run_epoch(new, ledger)
+    ledger.check_exactly_once(all_keys, epoch=0)
+
+
+@pytest.mark.slow
+def test_epoch_from_ceph_two_ranks_exactly_once(s3_ceph, dataset, all_keys):
+    remote = upload(dataset, s3_ceph.url("loader"))
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_ceph.endpoint
+    ledger = SampleLedger()
+    loaders = loaders_for(remote.location, 2, batch_size=8, num_workers=2)
+    counts = run_epoch(loaders, ledger, steps=3)
+    resumed = loaders_for(remote.location, 1, batch_size=8, num_workers=2)
+    resumed[0].load_state_dict([loader.state_dict() for loader in loaders])
+    counts = [a + b for a, b in zip_longest(counts, run_epoch(resumed, ledger), fillvalue=0)]
+    ledger.check_exactly_once(all_keys, epoch=0)
+    assert ledger.delivered(0).keys() == manifest_keys(remote)

@@ -1,0 +1,189 @@
+"""The training loop every stage shares: data -> Engine -> checkpoints -> MLflow, resumable.
+
+A stage supplies the model, its loss, how a loader batch becomes engine input and how to evaluate;
+this module owns the order of everything else: join the process group, resume (engine, loader, RNG),
+step, log, evaluate, checkpoint, and on a run of non-finite losses save the last good state and stop.
+The config passed in has ``run`` (RunConfig), ``engine`` (EngineConfig) and ``data`` (DataConfig).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data_pipeline.loader import open_loader
+from data_pipeline.manifest import load_manifest
+from data_pipeline.storage import join
+from trainer.checkpoint import Checkpointer, resolve_resume
+from trainer.config import config_hash
+from trainer.engine import Engine, LossFn, NonFiniteLossError, StepResult
+
+log = logging.getLogger(__name__)
+
+# evaluate(engine, step) -> (metrics, image grid (N, 3, H, W) in [0, 1] or None); runs on every rank.
+Evaluate = Callable[[Engine, int], tuple[dict[str, float], torch.Tensor | None]]
+Prepare = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class StageParts:
+    """What a stage contributes to the shared loop."""
+
+    model: torch.nn.Module
+    loss_fn: LossFn
+    prepare_batch: Prepare
+    evaluate: Evaluate
+    tokens_per_sample: int = 0
+    flops_per_sample: float | None = None
+
+
+def run_dir_of(config: Any) -> str:
+    return config.run.run_dir or os.path.join("runs", config.run.name)
+
+
+def checkpoint_dir_of(config: Any) -> str:
+    return config.run.checkpoint_dir or join(run_dir_of(config), "checkpoints")
+
+
+def _format_eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class _Progress:
+    """A rank-0 log line every ``log_every`` steps with the step rate and the ETA."""
+
+    def __init__(self, total: int, start_step: int) -> None:
+        self.total = total
+        self.start_step = start_step
+        self.started = time.monotonic()
+
+    def line(self, result: StepResult, extra: Mapping[str, float]) -> str:
+        done = result.step - self.start_step
+        rate = done / max(1e-9, time.monotonic() - self.started)
+        eta = (self.total - result.step) / rate if rate > 0 else float("inf")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in extra.items())
+        return (
+            f"step {result.step}/{self.total} loss {result.loss:.4f} lr {result.lr:.3g} "
+            f"{result.samples_per_s:.1f} samples/s {rate:.2f} steps/s ETA {_format_eta(eta)} {shown}"
+        ).rstrip()
+
+
+def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any]:
+    """Train until ``engine.total_steps``; returns a summary (meaningful on rank 0)."""
+    run, data = config.run, config.data
+    engine = Engine(
+        parts.model,
+        config.engine,
+        parts.loss_fn,
+        flops_per_sample=parts.flops_per_sample,
+        tokens_per_sample=parts.tokens_per_sample,
+        peak_tflops_per_device=run.peak_tflops,
+        max_nonfinite_in_a_row=run.max_nonfinite_in_a_row,
+    )
+    # Same weights everywhere (seeded before the model was built); different noise per rank from here.
+    torch.manual_seed(run.seed + 1000 * engine.rank)
+    manifest = load_manifest(data.manifest)
+    loader = open_loader(
+        manifest,
+        rank=engine.rank,
+        world_size=engine.world_size,
+        batch_size=config.engine.micro_batch_size * config.engine.grad_accum,
+        seed=run.seed,
+        num_workers=data.num_workers,
+        tokenizer=data.tokenizer,
+        text_len=data.text_len if data.tokenizer else None,
+    )
+    checkpointer = Checkpointer(
+        checkpoint_dir_of(config),
+        keep_last=run.keep_last,
+        best_metric=run.best_metric,
+        best_mode=run.best_mode,
+        config_hash=config_hash(config),
+    )
+    resume_url = resolve_resume(run.resume, checkpointer.root)
+    if resume_url:
+        state = checkpointer.load(engine, resume_url)
+        loader.load_state_dict(state["loader_states"])
+
+    tracker = None
+    if engine.rank == 0:
+        from trainer.tracking import Tracker
+
+        tracker = Tracker(run.experiment, run.name, run_dir=run_dir_of(config), tags={"stage": stage})
+        tracker.log_params(
+            {**config.model_dump(mode="json"), "lineage": {"manifest_sha256": manifest.sha256()}}
+        )
+        tracker.set_tags({"manifest_sha256": manifest.sha256(), "world_size": engine.world_size})
+        if resume_url:
+            tracker.set_tags({"resumed_from": resume_url})
+
+    summary: dict[str, Any] = {"stage": stage, "start_step": engine.step, "resumed_from": resume_url}
+    last_eval: dict[str, float] = {}
+
+    def evaluate() -> dict[str, float]:
+        metrics, grid = parts.evaluate(engine, engine.step)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=engine.step)
+            if grid is not None:
+                tracker.log_image_grid(grid, f"grids/step-{engine.step:07d}.png", nrow=8)
+        summary.setdefault("first_eval", metrics)
+        return metrics
+
+    def save(metrics: dict[str, float]) -> str:
+        url = checkpointer.save(engine, loader_state=loader.state_dict(), metrics=metrics)
+        if tracker is not None:
+            tracker.set_tags({"checkpoint.latest": url})
+            tracker.log_metrics({"checkpoint_step": engine.step}, step=engine.step)
+        summary["checkpoint"] = url
+        return url
+
+    total = config.engine.total_steps
+    progress = _Progress(total, engine.step)
+    eval_every = run.eval_every or run.checkpoint_every
+    status = "FAILED"
+    try:
+        last_eval = evaluate()
+        batches = iter(loader)
+        while engine.step < total:
+            batch = next(batches, None)
+            if batch is None:  # epoch done: the next one reshuffles
+                loader.set_epoch(loader.epoch + 1)
+                batches = iter(loader)
+                continue
+            try:
+                result = engine.train_step(parts.prepare_batch(batch))
+            except NonFiniteLossError:
+                url = save(last_eval)
+                log.error("stopping: last good state saved at %s", url)
+                summary["checkpoint"] = url
+                raise
+            if tracker is not None and (result.step % run.log_every == 0 or result.step == total):
+                metrics = result.log_metrics()
+                metrics["nonfinite_skips"] = engine.nonfinite_total
+                tracker.log_metrics(metrics, step=result.step)
+                log.info(progress.line(result, result.metrics))
+            summary["loss"] = result.loss
+            if result.step % eval_every == 0 or result.step == total:
+                last_eval = evaluate()
+            if result.step % run.checkpoint_every == 0 or result.step == total:
+                save(last_eval)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            summary["mlflow_run_id"] = tracker.run_id
+            tracker.close(status)
+    summary.update(
+        steps=engine.step,
+        last_eval=last_eval,
+        nonfinite_skips=engine.nonfinite_total,
+        world_size=engine.world_size,
+    )
+    return summary
