@@ -6,6 +6,7 @@ people's processes share the machine).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -112,10 +113,8 @@ def start_moto() -> tuple[S3Store, object]:
 
 def stop_pids(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 @dataclass
@@ -155,7 +154,7 @@ class MlflowServer:
             "--workers",
             "1",
         ]
-        log = open(self.db_path.with_suffix(".log"), "ab")
+        log = open(self.db_path.with_suffix(".log"), "ab")  # noqa: SIM115 - outlives this call with the server
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
         wait_for_http(f"{self.uri}/health", timeout, self.proc)
 

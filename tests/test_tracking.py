@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def test_embedded_sqlite_run_logs_everything(run_dir):
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
     assert list_artifacts(tracker.tracking_uri, tracker.run_id, "grids") == ["grids/sample.png"]
     report_path = tracker.client.download_artifacts(tracker.run_id, "reports/report.json", str(run_dir))
-    assert json.loads(open(report_path).read()) == {"api_token": REDACTED, "n": 1}
+    assert json.loads(Path(report_path).read_text()) == {"api_token": REDACTED, "n": 1}
 
 
 def test_redaction_rules():
@@ -39,7 +40,11 @@ def test_redaction_rules():
         "password": "",
     }
     clean = redact(data)
-    assert clean["store"] == {"secret_key": REDACTED, "endpoint": f"http://{REDACTED}@host:9000", "region": "us"}
+    assert clean["store"] == {
+        "secret_key": REDACTED,
+        "endpoint": f"http://{REDACTED}@host:9000",
+        "region": "us",
+    }
     assert clean["hf_token"] == REDACTED
     assert "AKIA" not in clean["note"]
     assert clean["author"] == "ada" and clean["password"] == ""

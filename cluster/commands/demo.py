@@ -33,15 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--num-samples", type=int, default=2048, help="synthetic scenes to ingest")
     parser.add_argument(
-        "--skip-training", action="store_true", help="stop after the data pipeline (ingest, tokenizer, loader)"
+        "--skip-training",
+        action="store_true",
+        help="stop after the data pipeline (ingest, tokenizer, loader)",
     )
     parser.set_defaults(func=main)
 
 
 def read_one_epoch(manifest_url: str, tokenizer_url: str, run_dir: str) -> dict[str, float]:
     """Stream one epoch through the loader on one rank; log a sample grid and the throughput."""
-    import torch
-
     from data_pipeline.loader import open_loader
     from data_pipeline.manifest import load_manifest
     from trainer.tracking import Tracker
@@ -108,7 +108,9 @@ def main(args: argparse.Namespace) -> int:
     log.info("demo: one loader epoch: %s", json.dumps(stats))
     if not args.skip_training:
         step("train dvae", ["train", "dvae", "--config", "configs/dvae/tiny.toml", *data_overrides, *common])
-        step("train dalle", ["train", "dalle", "--config", "configs/dalle/tiny.toml", *data_overrides, *common])
+        step(
+            "train dalle", ["train", "dalle", "--config", "configs/dalle/tiny.toml", *data_overrides, *common]
+        )
     print(
         f"\ndemo finished in {time.perf_counter() - started:.0f} s\n"
         f"  dataset:  {dataset} (manifest.json, shards, tokenizer.json)\n"
