@@ -7,6 +7,7 @@ people's processes share the machine).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -167,3 +168,26 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def run_dist_script(script: str, out: Path, workdir: Path, nproc: int = 2) -> dict:
+    """Run ``tests/dist/<script>`` as ``nproc`` torchrun ranks (gloo, DeepSpeed on CPU); return its JSON.
+
+    Many configs share one launch because each launch costs seconds of process and gloo start-up.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "dist" / script),
+        str(out),
+        str(workdir),
+    ]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from cluster.config import ConfigError, validate
-from tests.services import free_port
+from tests.services import run_dist_script
 from trainer.models.dalle import DalleConfig, DalleTransformer
 from trainer.models.moe import MoEConfig, MoEFeedForward
 from trainer.stages.dalle import DalleStageConfig, make_loss_fn
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def moe_config(**moe) -> DalleConfig:
@@ -80,23 +72,7 @@ def test_config_rules_fail_before_launch():
 
 def test_expert_parallel_equals_single_group_and_top2_resume_is_exact(tmp_path):
     """One 2-rank torchrun launch (gloo, DeepSpeed on CPU); see tests/dist/dalle_moe.py."""
-    out = tmp_path / "moe.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "dist" / "dalle_moe.py"),
-        str(out),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = run_dist_script("dalle_moe.py", tmp_path / "moe.json", tmp_path)
     ep = results["ep"]
     # Same weights, batches and routing noise: ep_size=2 moves tokens by all-to-all instead of keeping
     # them local, which only reorders float32 sums (observed differences ~3e-7).

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cluster.config import ConfigError, validate
-from tests.services import free_port
+from tests.services import run_dist_script
 from trainer.config import EngineConfig
 from trainer.engine import (
     Engine,
@@ -24,8 +19,6 @@ from trainer.engine import (
     peak_tflops,
     split_micro_batches,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_lr_schedule_matches_closed_form():
@@ -88,23 +81,7 @@ def test_peak_tflops_prefers_configured_value():
 
 def test_zero_matrix_two_ranks(tmp_path):
     """ZeRO 0-3 x fp32/bf16 x accumulation in one 2-rank torchrun launch (see tests/dist/engine_matrix.py)."""
-    out = tmp_path / "matrix.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "dist" / "engine_matrix.py"),
-        str(out),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = run_dist_script("engine_matrix.py", tmp_path / "matrix.json", tmp_path)
     assert len(results) == 12
     for name, result in results.items():
         # A run stopped, saved, reloaded into a differently initialised model and continued (with a NaN
