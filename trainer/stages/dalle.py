@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.config import load_config
 from data_pipeline import storage
-from data_pipeline.loader import open_loader
 from data_pipeline.sources.synthetic import HELDOUT_COMBINATIONS, phrase
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 from trainer.checkpoint import ENGINE_TAG, resolve_resume
@@ -30,7 +29,7 @@ from trainer.models import build
 from trainer.models.dalle import DalleConfig, DalleTransformer, remap_text_padding
 from trainer.models.dvae import DVAE
 from trainer.sampling import SamplingConfig, generate_codes
-from trainer.stages.loop import StageParts, checkpoint_dir_of, run_training
+from trainer.stages.loop import StageParts, checkpoint_dir_of, fixed_validation_batch, run_training
 
 
 class DalleSection(BaseModel):
@@ -202,20 +201,6 @@ def make_prepare_batch(
     return prepare_batch
 
 
-def validation_batch(config: DalleStageConfig, tokenizer: TextTokenizer) -> Mapping[str, Any]:
-    loader = open_loader(
-        config.data.validation_manifest or config.data.manifest,
-        rank=0,
-        world_size=1,
-        batch_size=config.data.validation_batch_size,
-        seed=config.run.seed,
-        num_workers=0,
-        tokenizer=tokenizer,
-        text_len=config.data.text_len,
-    )
-    return next(iter(loader))
-
-
 def make_evaluate(
     config: DalleStageConfig, dvae: DVAE, tokenizer: TextTokenizer, validation: Mapping[str, Any]
 ) -> Callable[[Engine, int], tuple[dict[str, float], torch.Tensor]]:
@@ -259,7 +244,12 @@ def train(config: DalleStageConfig) -> dict[str, Any]:
             config.model, text_weight=section.text_weight, image_weight=section.image_weight
         ),
         prepare_batch=make_prepare_batch(dvae, config.model.text_pad_id, section.caption_dropout),
-        evaluate=make_evaluate(config, dvae, tokenizer, validation_batch(config, tokenizer)),
+        evaluate=make_evaluate(
+            config,
+            dvae,
+            tokenizer,
+            fixed_validation_batch(config, tokenizer=tokenizer, text_len=config.data.text_len),
+        ),
         tokens_per_sample=config.model.seq_len,
     )
     return run_training(config, parts, stage="dalle")

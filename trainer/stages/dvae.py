@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from data_pipeline.loader import open_loader
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine, init_distributed
 from trainer.losses.vae import codebook_usage, kl_to_uniform, logit_laplace_nll, psnr, squared_error
 from trainer.models import build
 from trainer.models.dvae import DVAEConfig
-from trainer.stages.loop import StageParts, run_training
+from trainer.stages.loop import StageParts, fixed_validation_batch, run_training
 
 
 class DVAESettings(BaseModel):
@@ -99,16 +98,8 @@ def make_loss(config: DVAEStageConfig):
 
 
 def validation_images(config: DVAEStageConfig) -> torch.Tensor:
-    """The fixed eval batch: the first ``validation_batch_size`` samples of the validation manifest."""
-    loader = open_loader(
-        config.data.validation_manifest or config.data.manifest,
-        rank=0,
-        world_size=1,
-        batch_size=config.data.validation_batch_size,
-        seed=config.run.seed,
-        num_workers=0,
-    )
-    return prepare_batch(next(iter(loader)))["image"]
+    """The fixed eval images (see ``fixed_validation_batch``)."""
+    return prepare_batch(fixed_validation_batch(config))["image"]
 
 
 def make_evaluate(config: DVAEStageConfig, images: torch.Tensor):

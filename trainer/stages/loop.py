@@ -51,6 +51,23 @@ def checkpoint_dir_of(config: Any) -> str:
     return config.run.checkpoint_dir or join(run_dir_of(config), "checkpoints")
 
 
+def fixed_validation_batch(config: Any, **loader_options: Any) -> Mapping[str, Any]:
+    """The first ``validation_batch_size`` samples of the validation (else training) manifest.
+
+    The same samples every evaluation, so validation curves are comparable across steps and runs.
+    """
+    loader = open_loader(
+        config.data.validation_manifest or config.data.manifest,
+        rank=0,
+        world_size=1,
+        batch_size=config.data.validation_batch_size,
+        seed=config.run.seed,
+        num_workers=0,
+        **loader_options,
+    )
+    return next(iter(loader))
+
+
 def _format_eta(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
