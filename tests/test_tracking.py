@@ -20,6 +20,8 @@ def test_embedded_sqlite_run_logs_everything(run_dir):
             tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
         tracker.log_image_grid(torch.rand(4, 3, 8, 8), "grids/sample.png", nrow=2)
         tracker.log_dict({"api_token": "t0k", "n": 1}, "reports/report.json")
+        (run_dir / "notes.txt").write_text("hello")
+        tracker.log_artifact(run_dir / "notes.txt", "files")
     assert tracker.tracking_uri == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
     run = read_run(tracker.tracking_uri, tracker.run_id)
     assert run.info.status == "FINISHED"
@@ -27,6 +29,7 @@ def test_embedded_sqlite_run_logs_everything(run_dir):
     history = tracker.client.get_metric_history(tracker.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
     assert list_artifacts(tracker.tracking_uri, tracker.run_id, "grids") == ["grids/sample.png"]
+    assert list_artifacts(tracker.tracking_uri, tracker.run_id, "files") == ["files/notes.txt"]
     report_path = tracker.client.download_artifacts(tracker.run_id, "reports/report.json", str(run_dir))
     assert json.loads(Path(report_path).read_text()) == {"api_token": REDACTED, "n": 1}
 

@@ -144,31 +144,25 @@ class Tracker:
         self.flush()
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Copy the file into a spool first, so a later outage or cleanup cannot lose it."""
-        self._spool.mkdir(parents=True, exist_ok=True)
-        staged = self._spool / f"{uuid.uuid4().hex[:8]}-{Path(local_path).name}"
+        """Copy the file into the spool first, so a later outage or cleanup cannot lose it."""
+        staged = self._stage(Path(local_path).name)
         shutil.copyfile(local_path, staged)
         self._artifacts.append((str(staged), artifact_path))
         self.flush(force=True)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._spool.mkdir(parents=True, exist_ok=True)
-        staged_dir = self._spool / uuid.uuid4().hex[:8]
-        staged_dir.mkdir()
-        (staged_dir / Path(artifact_file).name).write_text(text)
-        self._artifacts.append((str(staged_dir / Path(artifact_file).name), _artifact_dir(artifact_file)))
+        staged = self._stage(Path(artifact_file).name)
+        staged.write_text(text)
+        self._artifacts.append((str(staged), _artifact_dir(artifact_file)))
         self.flush(force=True)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.log_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str), artifact_file)
 
     def log_image_grid(self, images: torch.Tensor, artifact_file: str, nrow: int = 8) -> None:
-        self._spool.mkdir(parents=True, exist_ok=True)
-        staged_dir = self._spool / uuid.uuid4().hex[:8]
-        staged_dir.mkdir()
-        path = staged_dir / Path(artifact_file).name
-        Image.fromarray(image_grid(images, nrow=nrow)).save(path)
-        self._artifacts.append((str(path), _artifact_dir(artifact_file)))
+        staged = self._stage(Path(artifact_file).name)
+        Image.fromarray(image_grid(images, nrow=nrow)).save(staged)
+        self._artifacts.append((str(staged), _artifact_dir(artifact_file)))
         self.flush(force=True)
 
     @property
@@ -219,6 +213,12 @@ class Tracker:
         self.close("FAILED" if exc_type else "FINISHED")
 
     # -- internals -------------------------------------------------------------------------------
+    def _stage(self, name: str) -> Path:
+        """A fresh spool path that keeps the file's own name (MLflow names the artifact after it)."""
+        staged_dir = self._spool / uuid.uuid4().hex[:8]
+        staged_dir.mkdir(parents=True)
+        return staged_dir / name
+
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
