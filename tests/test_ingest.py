@@ -73,15 +73,8 @@ def check_manifest_against_shards(dest: str, image_size: int) -> tuple[object, d
 
 def test_synthetic_ingest_to_a_local_folder(ray_local, tmp_path):
     dest = str(tmp_path / "ds")
-    manifest = ingest(
-        "synthetic",
-        dest,
-        num_samples=240,
-        image_size=32,
-        partitions=3,
-        shard_max_bytes=32 * 1024,
-        progress=False,
-    )
+    options = dict(num_samples=240, image_size=32, partitions=3, shard_max_bytes=32 * 1024, progress=False)
+    manifest = ingest("synthetic", dest, **options)
     manifest, samples = check_manifest_against_shards(dest, 32)
     assert manifest.num_samples == 240 and manifest.rejects == {} and manifest.duplicates_dropped == 0
     assert manifest.source.kind == "synthetic" and manifest.source.num_requested == 240
@@ -97,15 +90,7 @@ def test_synthetic_ingest_to_a_local_folder(ray_local, tmp_path):
     assert json.loads(members["json"])["objects"] == scene.metadata["objects"]
 
     # A rerun of a finished ingest resumes every partition and rewrites nothing.
-    again = ingest(
-        "synthetic",
-        dest,
-        num_samples=240,
-        image_size=32,
-        partitions=3,
-        shard_max_bytes=32 * 1024,
-        progress=False,
-    )
+    again = ingest("synthetic", dest, **options)
     assert again.stats["partitions_resumed"] == 3 and again.shards == manifest.shards
     with pytest.raises(IngestError, match="different ingest"):
         ingest("synthetic", dest, num_samples=240, image_size=32, partitions=3, seed=1, progress=False)
