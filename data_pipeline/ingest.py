@@ -261,7 +261,7 @@ def ingest_config(config: IngestConfig, source: Source | None = None) -> Manifes
         rejects=dict(sorted(rejects.items())),
         duplicates_dropped=rejects.get("duplicate", 0),
         config=config.model_dump(),
-        heldout_combinations=lineage.get("heldout_combinations"),
+        source_info=source.info(),
         stats={
             "seconds": round(seconds, 3),
             "samples_per_s": round(processed / seconds, 1) if seconds > 0 else None,

@@ -60,7 +60,9 @@ class Manifest(BaseModel):
     rejects: dict[str, int] = Field(default_factory=dict)
     duplicates_dropped: int = Field(default=0, ge=0)
     config: dict[str, Any] = Field(default_factory=dict)
-    heldout_combinations: list[list[str]] | None = None
+    # What the source says about itself beyond lineage, for the stages that use the data (the synthetic
+    # source: its held-out (colour, shape) pairs and prompts naming them), so none imports the source.
+    source_info: dict[str, Any] = Field(default_factory=dict)
     # How the ingest went (seconds, samples/s, partitions resumed): reporting, not data.
     stats: dict[str, Any] = Field(default_factory=dict)
 

@@ -47,7 +47,7 @@ def write_synthetic(dest: Path) -> str:
         num_samples=SAMPLES,
         total_bytes=sum(e.bytes for e in entries),
         shards=entries,
-        heldout_combinations=[list(pair) for pair in HELDOUT_COMBINATIONS],
+        source_info={"heldout_combinations": [list(pair) for pair in HELDOUT_COMBINATIONS]},
     )
     save_manifest(manifest, str(dest))
     return str(dest)

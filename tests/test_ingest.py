@@ -23,7 +23,7 @@ from PIL import Image
 from data_pipeline import storage
 from data_pipeline.ingest import IngestError, ingest, marker_url
 from data_pipeline.manifest import load_manifest
-from data_pipeline.sources.synthetic import contains_heldout, generate_scene
+from data_pipeline.sources.synthetic import HELDOUT_COMBINATIONS, contains_heldout, generate_scene
 from tests.test_sources import add_member, jpeg_bytes, make_folder, write_wds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,9 @@ def test_synthetic_ingest_to_a_local_folder(ray_local, tmp_path):
     manifest, samples = check_manifest_against_shards(dest, 32)
     assert manifest.num_samples == 240 and manifest.rejects == {} and manifest.duplicates_dropped == 0
     assert manifest.source.kind == "synthetic" and manifest.source.num_requested == 240
-    assert manifest.heldout_combinations and manifest.config["partitions"] == 3
+    assert manifest.config["partitions"] == 3
+    assert manifest.source_info["heldout_combinations"] == [list(pair) for pair in HELDOUT_COMBINATIONS]
+    assert "a large red star" in manifest.source_info["heldout_prompts"]
     assert {entry.partition for entry in manifest.shards} == {0, 1, 2} and len(manifest.shards) > 3
     assert all(entry.bytes <= 32 * 1024 + TAR_CLOSING for entry in manifest.shards)
     # The pixels are the generator's, up to JPEG at quality 95 (mean error of a few levels).

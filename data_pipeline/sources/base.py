@@ -52,6 +52,10 @@ class Source(Protocol):
 
     def lineage(self) -> dict[str, Any]: ...
 
+    def info(self) -> dict[str, Any]:
+        """Facts about the data for the stages that train on it (recorded as ``Manifest.source_info``)."""
+        ...
+
 
 def split_evenly(items: list[Any], num_partitions: int) -> list[tuple[Any, ...]]:
     """Contiguous, near-equal, non-empty chunks (fewer than asked when there are fewer items)."""

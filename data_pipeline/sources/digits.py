@@ -69,5 +69,8 @@ class DigitsSource:
         metadata = {"source": "digits", "label": label, "sklearn_index": original, "index": index}
         return Sample(image=image.convert("RGB"), caption=caption, metadata=metadata)
 
+    def info(self) -> dict[str, Any]:
+        return {}
+
     def lineage(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, "seed": self.seed, "split": "train"}

@@ -111,6 +111,9 @@ class ExternalSource:
                     yield ordinal, record
                     ordinal += 1
 
+    def info(self) -> dict[str, Any]:
+        return {}
+
     def lineage(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, "split": "train", "num_files": len(self.files)}
 

@@ -230,6 +230,15 @@ def _caption(
     return text, template
 
 
+def heldout_prompts() -> list[str]:
+    """Captions naming the colour/shape pairs the training split never shows (for sampling and evals)."""
+    return [
+        phrase({"size": size, "colour": c, "shape": s})
+        for c, s in HELDOUT_COMBINATIONS
+        for size in ("large", "small")
+    ]
+
+
 def contains_heldout(metadata: dict[str, Any]) -> bool:
     return any((obj["colour"], obj["shape"]) in HELDOUT_COMBINATIONS for obj in metadata["objects"])
 
@@ -259,10 +268,10 @@ class SyntheticSource:
             yield index, generate_scene(self.seed, index, image_size=self.image_size, split=self.split)
 
     def lineage(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "seed": self.seed, "split": self.split}
+
+    def info(self) -> dict[str, Any]:
         return {
-            "spec": self.spec,
-            "kind": self.kind,
-            "seed": self.seed,
-            "split": self.split,
             "heldout_combinations": [list(pair) for pair in HELDOUT_COMBINATIONS],
+            "heldout_prompts": heldout_prompts(),
         }
