@@ -29,7 +29,7 @@ from data_pipeline.loader_plan import (
     split_among_workers,
 )
 from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.shard_reader import Rejected, Sample, decode_entry, iter_entries
+from data_pipeline.shard_reader import LoadedReject, LoadedSample, decode_entry, iter_entries
 from data_pipeline.tokenizer import load_tokenizer
 
 STATE_FORMAT = "tessera-loader/1"
@@ -65,31 +65,33 @@ class _RankBatches(IterableDataset):
         info = get_worker_info()
         mine = split_among_workers(self.batches, info.num_workers, info.id) if info else self.batches
         outcomes = self._outcomes([seg for _, segments in mine for seg in segments])
-        filler: Sample | None = None
+        filler: LoadedSample | None = None
         for index, segments in mine:
             items = list(itertools.islice(outcomes, sum(len(seg) for seg in segments)))
             batch, filler = self._collate(index, items, filler)
             yield batch
 
-    def _outcomes(self, segments: list[Segment]) -> Iterator[Sample | Rejected]:
+    def _outcomes(self, segments: list[Segment]) -> Iterator[LoadedSample | LoadedReject]:
         for run in read_runs(segments):
             url = self.shard_urls[run.shard]
             for _, entry in iter_entries(url, run.lo, run.hi):
-                outcome = entry if isinstance(entry, Rejected) else decode_entry(entry, url, self.image_size)
-                if isinstance(outcome, Rejected) and self.strict:
+                outcome = (
+                    entry if isinstance(entry, LoadedReject) else decode_entry(entry, url, self.image_size)
+                )
+                if isinstance(outcome, LoadedReject) and self.strict:
                     raise LoaderError(f"strict loader: {outcome.message()}")
                 yield outcome
 
     def _collate(
-        self, index: int, items: list[Sample | Rejected], filler: Sample | None
-    ) -> tuple[dict[str, Any], Sample | None]:
+        self, index: int, items: list[LoadedSample | LoadedReject], filler: LoadedSample | None
+    ) -> tuple[dict[str, Any], LoadedSample | None]:
         """One fixed-size batch: valid samples first, then padding rows (``valid=False``).
 
         Padding repeats this batch's own samples, else the worker's last good sample, else a black
         image with an empty caption (a rank whose share ran out before the shared batch count).
         """
-        good = [item for item in items if isinstance(item, Sample)]
-        rejects = Counter(item.reason for item in items if isinstance(item, Rejected))
+        good = [item for item in items if isinstance(item, LoadedSample)]
+        rejects = Counter(item.reason for item in items if isinstance(item, LoadedReject))
         pool = good or ([filler] if filler is not None else [])
         rows = good + [pool[i % len(pool)] for i in range(self.batch_size - len(good))] if pool else []
         size = self.image_size

@@ -3,8 +3,9 @@
 Entries are counted in tar order with webdataset's own member grouping (``base_plus_ext``), so the
 loader can ask for entries ``[lo, hi)`` of a shard: members before ``lo`` are skipped without being
 read out or decoded, and the stream is abandoned as soon as entry ``hi`` begins. Every position in
-the window yields exactly one outcome, a ``Sample`` or a ``Rejected`` with a reason, so padding and
-exactly-once bookkeeping never lose count when a shard is damaged.
+the window yields exactly one outcome, a ``LoadedSample`` or a ``LoadedReject`` with a reason, so
+padding and exactly-once bookkeeping never lose count when a shard is damaged. (The names differ from
+``sources.base``'s ``Sample``/``Rejected``, which are records on their way *into* a dataset.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ READ_BLOCK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
-class Sample:
+class LoadedSample:
     key: str
     url: str
     image: np.ndarray  # (H, W, 3) uint8
@@ -38,7 +39,7 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class Rejected:
+class LoadedReject:
     key: str
     url: str
     reason: str
@@ -87,10 +88,10 @@ def open_shard(url: str) -> IO[bytes]:
     return fs.open(fs._strip_protocol(url), "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
 
 
-def iter_entries(url: str, lo: int, hi: int) -> Iterator[tuple[int, dict[str, Any] | Rejected]]:
+def iter_entries(url: str, lo: int, hi: int) -> Iterator[tuple[int, dict[str, Any] | LoadedReject]]:
     """``(index, members)`` for every entry index in ``[lo, hi)``; ``members`` maps extension -> bytes.
 
-    Indices the tar does not deliver (truncated or cut short) come back as ``Rejected('truncated_tar')``.
+    Indices the tar does not deliver (truncated or cut short) come back as ``LoadedReject('truncated_tar')``.
     """
     window = _EntryWindow(lo, hi)
     failure: list[str] = []
@@ -125,7 +126,7 @@ def iter_entries(url: str, lo: int, hi: int) -> Iterator[tuple[int, dict[str, An
     detail = failure[0] if failure else "the shard has fewer entries than the manifest says"
     for index in range(max(lo, next_index), hi):
         key = current["__key__"] if current is not None and index == current_index else f"<entry {index}>"
-        yield index, Rejected(key, url, "truncated_tar", detail)
+        yield index, LoadedReject(key, url, "truncated_tar", detail)
 
 
 def is_unsafe(key: str) -> bool:
@@ -133,12 +134,12 @@ def is_unsafe(key: str) -> bool:
     return key.startswith("/") or ".." in key.split("/")
 
 
-def decode_entry(members: dict[str, Any], url: str, image_size: int) -> Sample | Rejected:
+def decode_entry(members: dict[str, Any], url: str, image_size: int) -> LoadedSample | LoadedReject:
     """JPEG straight to a uint8 (H, W, 3) array; caption and metadata checked; no float conversion."""
     key = members["__key__"]
 
-    def reject(reason: str, detail: str) -> Rejected:
-        return Rejected(key, url, reason, detail)
+    def reject(reason: str, detail: str) -> LoadedReject:
+        return LoadedReject(key, url, reason, detail)
 
     if is_unsafe(key):
         return reject("unsafe_member", "member path escapes the shard directory")
@@ -165,4 +166,4 @@ def decode_entry(members: dict[str, Any], url: str, image_size: int) -> Sample |
         meta = json.loads(members["json"]) if "json" in members else {}
     except ValueError as exc:
         return reject("bad_metadata", f"not JSON: {exc}")
-    return Sample(key, url, image, caption, meta)
+    return LoadedSample(key, url, image, caption, meta)
