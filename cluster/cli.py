@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "cluster.commands.sample",
     "cluster.commands.plan",
     "cluster.commands.demo",
+    "cluster.commands.tracking",
 )
 
 
