@@ -13,7 +13,7 @@ import torch
 
 from kernels import masks
 from kernels.checks import check_inputs
-from kernels.layout import BlockLayout, block_layout
+from kernels.layout import BLOCK_M, BLOCK_N, BlockLayout, block_layout
 from kernels.sdpa import sdpa_attention
 
 __all__ = ["BlockLayout", "attention", "block_layout", "fused_attention", "masks", "sdpa_attention"]
@@ -44,8 +44,8 @@ def fused_attention(
     mask=None,
     causal: bool = False,
     scale: float | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
 ) -> torch.Tensor:
     """The Triton FlashAttention-2 kernel with block-sparse masks; differentiable. See ``attention``."""
     from kernels.triton_attention import triton_attention

@@ -23,6 +23,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+BLOCK_M = BLOCK_N = 64  # the kernels' default tile; FLOP counts (models, planner) assume the same one
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,6 +66,14 @@ class BlockLayout:
             name: int((self.states == state).sum())
             for name, state in (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))
         }
+
+    def computed_pairs(self) -> int:
+        """(query, key) scores the fused kernels compute: every non-empty tile in full, masked or not.
+
+        A partial tile costs as much as a full one (the element mask is applied after the product), so this,
+        not the number of allowed pairs, is the work FLOP and MFU accounting must count.
+        """
+        return int((self.states != EMPTY).sum()) * self.block_m * self.block_n
 
 
 def _causal_dense(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
@@ -194,8 +203,8 @@ def block_layout(
     seq_q: int | None = None,
     seq_k: int | None = None,
     causal: bool = False,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
     device: torch.device | str | None = None,
 ) -> BlockLayout:
     """The (cached) layout of ``mask`` (bool ``(seq_q, seq_k)``, True = attend) combined with ``causal``.

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import effective_mask
-from kernels.layout import BlockLayout, block_layout
+from kernels.layout import BLOCK_M, BLOCK_N, BlockLayout, block_layout
 
 LOG2_E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -379,7 +379,9 @@ def _layout_for(q, k, mask, causal: bool, block_m: int, block_n: int) -> BlockLa
     )
 
 
-def triton_attention(q, k, v, *, mask=None, causal=False, scale=None, block_m=64, block_n=64) -> torch.Tensor:
+def triton_attention(
+    q, k, v, *, mask=None, causal=False, scale=None, block_m=BLOCK_M, block_n=BLOCK_N
+) -> torch.Tensor:
     """Run the fused kernel; inputs already passed ``kernels.checks.check_inputs``."""
     if q.is_cuda == INTERPRETED:
         raise ValueError(

@@ -10,7 +10,9 @@ Layers use DALL-E's sparse image-to-image masks from :func:`kernels.masks.dalle_
 ``attention_cycle`` (default ``row, column, row, row``: column attention in every fourth layer, as
 in the paper's "(i - 2) mod 4 == 0" rule for 1-based layer i) and ``last_layer_attention`` (default
 full causal) in the final layer. Attention goes through :func:`kernels.attention`, so the fused kernel
-skips the blocks a mask leaves empty.
+skips the blocks a mask leaves empty. Column layers attend in column-major token order (the paper's
+transposed image states, Fig. 11c): in raster order every causal tile holds some pair of the same
+column, so nothing could be skipped (190 of 400 tiles empty at 1280 tokens, against 310 reordered).
 
 Incremental decoding keeps a :class:`KVCache`; a new token attends to the cached keys its mask row
 allows, which gives the same tokens as recomputing the whole prefix.
@@ -28,7 +30,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import attention
-from kernels.masks import dalle_mask
+from kernels.layout import BLOCK_M, BLOCK_N, block_layout
+from kernels.masks import column_major_order, dalle_mask
 from trainer.models.moe import MoEConfig, MoEFeedForward, expert_mlp
 
 AttentionKind = Literal["row", "column", "conv", "full"]
@@ -111,11 +114,25 @@ class KVCache:
     length: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerMask:
+    """What one layer's attention sees: the mask, in the token order the kernel gets the tokens in.
+
+    ``order`` (None: raster order) gathers queries, keys and values into that order and ``restore`` puts
+    the outputs back. Attention is equivariant under the permutation, so only the tiles change.
+    """
+
+    mask: torch.Tensor
+    order: torch.Tensor | None = None
+    restore: torch.Tensor | None = None
+
+
 @dataclasses.dataclass
 class DalleOutput:
     text_logits: torch.Tensor  # (B, text_len - 1, text_classes): predicts text tokens 1..text_len-1
     image_logits: torch.Tensor  # (B, m + 1, image_vocab_size): predicts image tokens 0..m
     aux_loss: torch.Tensor  # summed MoE load-balancing loss (0 for a dense model)
+    hidden: torch.Tensor | None = None  # (B, seq, width) final hidden states, for reward and value heads
 
 
 class SelfAttention(nn.Module):
@@ -127,7 +144,7 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, start: int
+        self, x: torch.Tensor, mask: LayerMask, cache: tuple[torch.Tensor, torch.Tensor] | None, start: int
     ) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
@@ -136,7 +153,11 @@ class SelfAttention(nn.Module):
             keys[:, :, start : start + length] = k
             values[:, :, start : start + length] = v
             k, v = keys[:, :, : start + length], values[:, :, : start + length]
-        y = attention(q, k, v, mask=mask)
+        if mask.order is not None:
+            q, k, v = q[:, :, mask.order], k[:, :, mask.order], v[:, :, mask.order]
+        y = attention(q, k, v, mask=mask.mask)
+        if mask.restore is not None:
+            y = y[:, :, mask.restore]
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, width)))
 
 
@@ -167,7 +188,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
+        mask: LayerMask,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +211,7 @@ class DalleTransformer(nn.Module):
         self.final_norm = nn.LayerNorm(width)
         self.text_head = nn.Linear(width, config.text_classes, bias=False)
         self.image_head = nn.Linear(width, config.image_vocab_size, bias=False)
-        self._masks: dict[tuple[str, torch.device, int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[str, torch.device, int, int], LayerMask] = {}
         self.activation_checkpointing = False
         self.reset_parameters()
 
@@ -214,46 +235,59 @@ class DalleTransformer(nn.Module):
         """The mask kind each block applies (what :meth:`DalleConfig.layer_attention` documents)."""
         return [block.attention_kind for block in self.blocks]
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> float:
         """Training FLOPs (forward + backward) per sequence position, averaged over the sequence.
 
-        6 per weight the token is multiplied through (top-k of E in expert layers; the text or the
-        image head by position) plus attention's ``12 * keys_attended * width`` per layer, with
-        keys_attended read off that layer's sparse mask, so sparse layers cost what they compute.
+        6 per weight the token is multiplied through (the text or the image head by position; in expert
+        layers top_k experts, wherever they live: a rank holding ``num_experts / ep_size`` of them computes
+        its share of the tokens, so per-token FLOPs do not shrink with ``ep_size``) plus, per layer,
+        ``12 * width`` per attention score the fused kernel computes: every non-empty
+        ``block_m x block_n`` tile of the mask as the layer passes it (column layers reordered), in full.
+        Capacity padding and the dispatch of MoE tokens are not counted.
         """
         cfg = self.config
         seq = cfg.seq_len
-        share = {"text_head": (cfg.text_len - 1) / seq, "image_head": (cfg.image_len) / seq}
+        share = {"text_head": (cfg.text_len - 1) / seq, "image_head": cfg.image_len / seq}
+        expert_share = cfg.moe.top_k / (cfg.moe.num_experts // cfg.moe.ep_size)  # per local expert
         matmul = 0.0
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                fraction = share.get(name, 1.0)
-                if ".deepspeed_experts." in name:
-                    fraction = cfg.moe.top_k / cfg.moe.num_experts
-                matmul += fraction * getattr(module.weight, "ds_numel", module.weight.numel())  # ZeRO-3 size
-        keys = sum(
-            float(self.mask(kind, torch.device("cpu"), 0, seq).sum()) / seq for kind in self.layer_attention()
+                weights = getattr(module.weight, "ds_numel", module.weight.numel())  # ZeRO-3 size
+                fraction = expert_share if ".deepspeed_experts." in name else share.get(name, 1.0)
+                matmul += fraction * weights
+        scores = sum(
+            block_layout(
+                self.mask(kind, "cpu", 0, seq).mask, block_m=block_m, block_n=block_n
+            ).computed_pairs()
+            for kind in self.layer_attention()
         )
-        return 6 * matmul + 12 * keys * cfg.width
+        return 6 * matmul + 12 * cfg.width * scores / seq
 
     def flops_per_sample(self) -> float:
         """What ``trainer.engine`` divides by step time for MFU."""
         return self.flops_per_token() * self.config.seq_len
 
-    def mask(self, kind: str, device: torch.device, start: int, stop: int) -> torch.Tensor:
+    def mask(self, kind: str, device: torch.device | str, start: int, stop: int) -> LayerMask:
         """Rows ``start:stop`` of the layer's mask over keys ``0:stop``, on ``device``.
 
-        The same tensor object is returned for the same slice, so the attention kernels' per-mask
-        caches (SDPA mask, block-sparse layout) are built once, not once per layer per step.
+        A whole prefix (``start == 0``) of a column layer attends in column-major order; rows of a
+        prefix already cached (decoding) stay in raster order, the order the cache holds keys in. The
+        same object is returned for the same slice, so the attention kernels' per-mask caches (SDPA
+        mask, block-sparse layout) are built once, not once per layer per step.
         """
         key = (kind, torch.device(device), start, stop)
         if key not in self._masks:
             cfg = self.config
-            full_key = (kind, torch.device(device), 0, cfg.text_len + cfg.image_len)
-            if full_key not in self._masks:
-                full = dalle_mask(cfg.text_len, cfg.image_side, kind, kernel_size=cfg.conv_kernel_size)
-                self._masks[full_key] = full.to(device)
-            self._masks[key] = self._masks[full_key][start:stop, :stop]
+            full = dalle_mask(cfg.text_len, cfg.image_side, kind, kernel_size=cfg.conv_kernel_size)
+            order = column_major_order(cfg.text_len, cfg.image_side)
+            order = order[order < stop]
+            if kind == "column" and start == 0 and not torch.equal(order, torch.arange(stop)):
+                reordered = full[:stop, :stop][order][:, order]
+                self._masks[key] = LayerMask(
+                    reordered.to(device), order.to(device), order.argsort().to(device)
+                )
+            else:
+                self._masks[key] = LayerMask(full[start:stop, :stop].to(device))
         return self._masks[key]
 
     # -- embeddings -------------------------------------------------------------------------------
@@ -312,6 +346,7 @@ class DalleTransformer(nn.Module):
             text_logits=self.text_head(h[:, : cfg.text_len - 1]),
             image_logits=self.image_head(h[:, cfg.text_len - 1 :]),
             aux_loss=aux_total,
+            hidden=h,
         )
 
     # -- incremental decoding ---------------------------------------------------------------------
