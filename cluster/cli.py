@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "cluster.commands.plan",
     "cluster.commands.demo",
     "cluster.commands.tracking",
+    "cluster.commands.verify",
 )
 
 
