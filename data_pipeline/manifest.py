@@ -1,9 +1,11 @@
 """The dataset manifest: the one file a loader, a tokenizer and a training run need to find a dataset.
 
 It lists every shard with its sample count, size and sha256, so readers can verify what they got,
-and records the source's lineage and the ingest config; training logs ``manifest.sha256()`` so a
-model can be traced back to the exact data it saw. Shard names resolve relative to the manifest's
-own location, so a dataset folder can be copied or moved as a whole.
+and records the source's lineage and the ingest config; training logs ``manifest.content_id()`` (a
+hash of the shards' names, hashes and counts only) so a model can be traced back to the exact data it
+saw, whenever and wherever that data was built. Shard names resolve relative to the manifest's own
+location, so a dataset folder can be copied or moved as a whole; a name that would resolve anywhere
+else (``..``, an absolute path, another URL) is refused when the manifest is read.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from data_pipeline import storage
 
@@ -34,6 +44,44 @@ class ShardEntry(BaseModel):
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     partition: int = Field(ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _inside_the_dataset(cls, name: str) -> str:
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"shard name {name!r} {problem}; names must stay inside the dataset folder")
+        return name
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` would not resolve inside the dataset folder (None: a plain relative path)."""
+    if not name or "\0" in name or "\\" in name:
+        return "is empty or holds a NUL or backslash"
+    if "://" in name or name.split("/", 1)[0].endswith(":"):
+        return "names a URL or drive of its own"
+    if name.startswith("/"):
+        return "is an absolute path"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' path component"
+    return None
+
+
+def listing_problems(entries: list[ShardEntry], urls: list[str]) -> dict[str, str]:
+    """``{shard name: problem}`` for shards absent from the store or of another size than recorded,
+    from one listing per folder (one for a normal dataset): cheap enough to run before every epoch 0."""
+    listings: dict[str, dict[str, int]] = {}
+    problems: dict[str, str] = {}
+    for entry, url in zip(entries, urls, strict=True):
+        folder, name = storage.parent(url), url.rstrip("/").rsplit("/", 1)[-1]
+        if folder not in listings:
+            listings[folder] = storage.file_sizes(folder)
+        size = listings[folder].get(name)
+        if size is None:
+            problems[entry.name] = "missing"
+        elif size != entry.bytes:
+            problems[entry.name] = f"{size} bytes, the manifest says {entry.bytes}"
+    return problems
 
 
 class SourceLineage(BaseModel):
@@ -94,12 +142,22 @@ class Manifest(BaseModel):
     def shard_urls(self) -> list[str]:
         return [self.shard_url(entry) for entry in self.shards]
 
+    def listing_problems(self) -> dict[str, str]:
+        """Shards missing or of the wrong size, from one listing of the dataset folder."""
+        return listing_problems(self.shards, self.shard_urls())
+
     def to_bytes(self) -> bytes:
         return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
 
     def sha256(self) -> str:
         """sha256 of the manifest's bytes as stored (as they would be stored, if never saved)."""
         return hashlib.sha256(self._raw if self._raw is not None else self.to_bytes()).hexdigest()
+
+    def content_id(self) -> str:
+        """sha256 over the shards' (name, sha256, num_samples) only: the identity of the data itself,
+        unchanged by where it is stored, when it was built, or how the ingest went (lineage tags)."""
+        rows = [[shard.name, shard.sha256, shard.num_samples] for shard in self.shards]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def summary(self) -> dict[str, Any]:
         """The numbers a person (or an MLflow run) wants after an ingest."""
@@ -111,6 +169,7 @@ class Manifest(BaseModel):
             "rejects": dict(self.rejects),
             "duplicates_dropped": self.duplicates_dropped,
             "manifest_sha256": self.sha256(),
+            "content_id": self.content_id(),
             **self.stats,
         }
 

@@ -3,24 +3,57 @@
 The endpoint and credentials come from the standard environment variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) so the same URL
 works against Ceph RGW in tests, MinIO on-prem and AWS S3 in production.
+
+Every call here survives an object-store outage: a transient failure (connection refused or reset,
+timeout, HTTP 500/503) is retried with exponential backoff and full jitter until
+``TESSERA_STORAGE_RETRY_S`` seconds (default 180) have passed since the call began; then the last
+error is raised with a note saying how long it was retried. Streams from :func:`open_resilient`
+reopen at their current offset when a read fails, so a long shard read resumes where it broke.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import logging
 import os
 import posixpath
+import random
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import IO, Any, TypeVar
 
+import aiohttp
+import botocore.exceptions
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.exceptions import FSTimeoutError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_DEADLINE_ENV = "TESSERA_STORAGE_RETRY_S"
+DEFAULT_RETRY_DEADLINE_S = 180.0
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 20.0
+_TRANSIENT_TYPES = (
+    ConnectionError,
+    TimeoutError,
+    FSTimeoutError,
+    aiohttp.ClientError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+)
+# What s3fs turns HTTP 500/503 (InternalError, SlowDown, ServiceUnavailable) and socket trouble into.
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT}
 
 # What a worker process (Ray task, DataLoader worker) needs to reach the same object store.
 CREDENTIAL_ENV = (
+    RETRY_DEADLINE_ENV,
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_ACCESS_KEY_ID",
@@ -28,6 +61,44 @@ CREDENTIAL_ENV = (
     "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
 )
+
+
+def retry_deadline_s() -> float:
+    return float(os.environ.get(RETRY_DEADLINE_ENV, DEFAULT_RETRY_DEADLINE_S))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error a later attempt may not see: the store (or the network to it) is down or overloaded."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _TRANSIENT_TYPES):
+            return True
+        if isinstance(seen, OSError) and seen.errno in _TRANSIENT_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retrying(operation: Callable[[], T], what: str) -> T:
+    """``operation()``, retried on transient errors with exponential backoff + full jitter to the deadline."""
+    deadline = time.monotonic() + retry_deadline_s()
+    backoff = FIRST_BACKOFF_S
+    attempt = 1
+    while True:
+        try:
+            return operation()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if time.monotonic() + backoff > deadline:
+                exc.add_note(
+                    f"{what}: object store still failing after {attempt} attempts ({RETRY_DEADLINE_ENV})"
+                )
+                raise
+            log.warning("%s: %s: %s; retry %d in <= %.1f s", what, type(exc).__name__, exc, attempt, backoff)
+            time.sleep(random.uniform(0, backoff))  # full jitter: many clients do not retry in lockstep
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            attempt += 1
 
 
 def credential_env() -> dict[str, str]:
@@ -72,7 +143,20 @@ def parent(url: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    if is_local(url):
+        return fs.exists(path)
+
+    def probe() -> bool:  # s3fs.exists answers False when the store is down: ask info() instead
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return retrying(probe, f"exists {url}")
+
+
+TMP_MARK = ".tmp-"  # ``<name>.tmp-<random>``: a local publish in progress (or crashed mid-way)
 
 
 def open_url(url: str, mode: str = "rb") -> IO:
@@ -84,8 +168,65 @@ def open_url(url: str, mode: str = "rb") -> IO:
 
 
 def read_bytes(url: str) -> bytes:
-    with open_url(url, "rb") as handle:
+    with open_resilient(url) as handle:
         return handle.read()
+
+
+class _ResumingReader(io.RawIOBase):
+    """A read-only stream that reopens at its offset when a read fails transiently (see module doc)."""
+
+    def __init__(self, opener: Callable[[], IO[bytes]], what: str) -> None:
+        self._opener, self._what = opener, what
+        self._handle: IO[bytes] | None = None
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _attempt(self, size: int) -> bytes:
+        try:
+            if self._handle is None:
+                self._handle = self._opener()
+                if self._offset:
+                    self._handle.seek(self._offset)
+            return self._handle.read(size)
+        except Exception:
+            self._drop()
+            raise
+
+    def read(self, size: int = -1) -> bytes:
+        data = retrying(lambda: self._attempt(size), f"read {self._what} at byte {self._offset}")
+        self._offset += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def _drop(self) -> None:
+        if self._handle is not None:
+            with suppress(Exception):  # closing a broken connection may fail too; the next attempt reopens
+                self._handle.close()
+            self._handle = None
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_resilient(url: str, fs: fsspec.AbstractFileSystem | None = None, **open_options: Any) -> IO[bytes]:
+    """A sequential reader of ``url`` that rides out an outage (local files: a plain file)."""
+    if is_local(url):
+        return open(url.removeprefix("file://"), "rb")
+    if fs is None:
+        fs, path = filesystem(url)
+    else:
+        path = fs._strip_protocol(url)
+    return _ResumingReader(lambda: fs.open(path, "rb", **open_options), url)
 
 
 def publish_file(local_path: str, url: str) -> None:
@@ -97,11 +238,11 @@ def publish_file(local_path: str, url: str) -> None:
     fs, path = filesystem(url)
     if is_local(url):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, path)
     else:
-        fs.put_file(local_path, path)
+        retrying(lambda: fs.put_file(local_path, path), f"upload {url}")
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -109,14 +250,20 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     if is_local(url):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        retrying(lambda: fs.pipe_file(path, data), f"write {url}")
+
+
+def download_tree(url: str, local_dir: str) -> None:
+    """Copy every object under ``url`` into ``local_dir`` (checkpoint downloads)."""
+    fs, path = filesystem(url)
+    retrying(lambda: fs.get(path.rstrip("/") + "/", local_dir, recursive=True), f"download {url}")
 
 
 @contextmanager
@@ -131,20 +278,42 @@ def staged_local_file(suffix: str = "") -> Iterator[str]:
             os.remove(path)
 
 
-def list_files(url: str, suffix: str = "") -> list[str]:
-    """Full URLs of the files directly under ``url`` ending with ``suffix`` (sorted)."""
+def _ls(url: str) -> list[dict[str, Any]]:
+    """What is directly under ``url``, with details, in one listing (an absent folder is empty)."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
-        return []
+
+    def attempt() -> list[dict[str, Any]]:
+        try:
+            return fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+
+    return sorted(retrying(attempt, f"list {url}"), key=lambda info: info["name"])
+
+
+def list_files(url: str, suffix: str = "") -> list[str]:
+    """Full URLs of the files (and folders) directly under ``url`` ending with ``suffix`` (sorted)."""
     protocol = url.split("://", 1)[0] + "://" if "://" in url and not is_local(url) else ""
-    names = sorted(fs.ls(path, detail=False))
-    return [protocol + name if protocol else name for name in names if name.endswith(suffix)]
+    return [protocol + info["name"] for info in _ls(url) if info["name"].endswith(suffix)]
+
+
+def file_sizes(url: str) -> dict[str, int]:
+    """``{file name: size}`` of the files directly under ``url``, from one listing."""
+    return {
+        posixpath.basename(info["name"].rstrip("/")): int(info.get("size") or 0)
+        for info in _ls(url)
+        if info["type"] == "file"
+    }
 
 
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+
+    def attempt() -> None:
+        with suppress(FileNotFoundError):
+            fs.rm(path, recursive=recursive)
+
+    retrying(attempt, f"remove {url}")
 
 
 def register_webdataset_s3() -> None:
