@@ -102,3 +102,28 @@ def test_filter_logits_matches_reference(top_k, top_p):
     for row, out in zip(logits.tolist(), filtered):
         kept = {i for i, value in enumerate(out.tolist()) if value != float("-inf")}
         assert kept == reference_filter(row, top_k, top_p)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_guided_codes_depend_only_on_their_own_prompt(use_cache):
+    """Permuting the prompts permutes the guided codes, and each equals its prompt drawn alone.
+
+    Greedy decoding (top_k=1): with a shared generator ``multinomial`` draws row after row, so a
+    sampled code depends on its row's position in the batch; the argmax does not. Float64 keeps batched
+    and single-row logits equal to ~1e-15, far from any near-tie flipping an argmax. A batch of one is
+    the oracle: its caption and its padding twin are the only rows, so no write-back can mix prompts.
+    """
+    model = tiny_model()
+    text = captions(4)
+    text[2] = text[1].flip(0)  # two captions with the same tokens in another order must still differ
+    config = SamplingConfig(top_k=1, guidance_scale=3.0, use_cache=use_cache)
+    codes = generate_codes(model, text, config)
+    alone = torch.cat([generate_codes(model, row[None], config) for row in text])
+    assert torch.equal(codes, alone)
+    order = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(generate_codes(model, text[order], config), codes[order])
+    # Guidance is doing something here: the conditional-only argmax codes differ.
+    assert not torch.equal(
+        codes, generate_codes(model, text, config.model_copy(update={"guidance_scale": 1.0}))
+    )
+    assert len({tuple(row.tolist()) for row in codes}) > 1  # prompts lead to different images
