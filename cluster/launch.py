@@ -56,8 +56,12 @@ def _resolve(reference: str) -> Any:
 
 
 def _worker_env() -> dict[str, str]:
+    from trainer.tracking import default_tracking_uri
+
     env = {} if _cuda() else dict(CPU_ENV)
     env.update({name: os.environ[name] for name in WORKER_ENV if name in os.environ})
+    # Workers do not start in this directory: pin the driver's default MLflow store for them.
+    env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
     return env
 
 

@@ -86,3 +86,10 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_per_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test (and the ranks it launches) logs to its own ``<tmp>/run/mlflow.db``, never to the
+    checkout's ``./runs/mlflow.db`` (the default store when MLFLOW_TRACKING_URI is unset)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")

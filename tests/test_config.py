@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.config import ConfigError, flatten, load_config, parse_override
+from cluster.config import ConfigError, load_config, parse_override
 
 
 class Optim(BaseModel):
@@ -69,7 +69,3 @@ def test_override_parsing(tmp_path):
         parse_override("novalue")
     with pytest.raises(ConfigError, match="is a value"):
         load_config(Demo, write(tmp_path, 'name = "x"\n'), ["name.sub=1"])
-
-
-def test_flatten():
-    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}

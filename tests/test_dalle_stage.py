@@ -111,7 +111,7 @@ def test_tiny_dalle_trains_and_logs_samples(tmp_path, monkeypatch):
     # From uniform guessing (ln 128 = 4.85 per code) the model must learn the codes' statistics.
     assert last["val_image_loss"] < 0.8 * first["val_image_loss"]
     assert last["val_text_loss"] < 0.8 * first["val_text_loss"]
-    grids = list_artifacts(default_tracking_uri(run_dir), summary["mlflow_run_id"], "grids")
+    grids = list_artifacts(default_tracking_uri(), summary["mlflow_run_id"], "grids")
     assert len(grids) == 2  # held-out prompts sampled at step 0 and at the end
 
     # `tessera sample` from the final checkpoint: a grid PNG and an MLflow run with it.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -79,11 +78,10 @@ def read_one_epoch(manifest_url: str, tokenizer_url: str, run_dir: str) -> dict[
 
 def main(args: argparse.Namespace) -> int:
     from cluster.cli import main as tessera
+    from trainer.tracking import default_tracking_uri
 
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # One MLflow store for every step, so the runs can be compared in one UI.
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir / 'mlflow.db'}")
     store = args.store if "://" in args.store else str(Path(args.store).resolve())
     dataset = join(store, "synthetic-32")
     tokenizer = join(dataset, "tokenizer.json")
@@ -114,6 +112,6 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"\ndemo finished in {time.perf_counter() - started:.0f} s\n"
         f"  dataset:  {dataset} (manifest.json, shards, tokenizer.json)\n"
-        f"  MLflow:   mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']}\n"
+        f"  MLflow:   mlflow ui --backend-store-uri {default_tracking_uri()}\n"
     )
     return 0
