@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     if args.no_cache:
         overrides.append("dalle.sampling.use_cache=false")
     config = load_config(DalleStageConfig, args.config, overrides)
-    prompts = args.prompt or config.dalle.sample_prompts or default_prompts()
+    prompts = args.prompt or config.dalle.sample_prompts or default_prompts(config)
     images, codes = draw_samples(config, prompts, args.checkpoint, args.device)
 
     os.makedirs(args.run_dir, exist_ok=True)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.config import load_config
 from data_pipeline import storage
-from data_pipeline.sources.synthetic import HELDOUT_COMBINATIONS, phrase
+from data_pipeline.manifest import load_manifest
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 from trainer.checkpoint import ENGINE_TAG, resolve_resume
 from trainer.config import DataConfig, EngineConfig, RunConfig
@@ -108,13 +108,18 @@ def make_loss_fn(
 CONFIG = DalleStageConfig
 
 
-def default_prompts() -> list[str]:
-    """Captions naming the colour/shape pairs the synthetic training split never shows."""
-    return [
-        phrase({"size": size, "colour": c, "shape": s})
-        for c, s in HELDOUT_COMBINATIONS
-        for size in ("large", "small")
-    ]
+def default_prompts(config: DalleStageConfig) -> list[str]:
+    """The held-out prompts the dataset's source recorded in its manifest (``source_info``).
+
+    For synthetic scenes these name the colour/shape pairs the training split never shows.
+    """
+    prompts = load_manifest(config.data.manifest).source_info.get("heldout_prompts")
+    if not prompts:
+        raise ValueError(
+            f"{config.data.manifest}: the manifest records no source_info.heldout_prompts; "
+            "set dalle.sample_prompts"
+        )
+    return list(prompts)
 
 
 def read_module_state(checkpoint: str) -> dict[str, torch.Tensor]:
@@ -187,7 +192,8 @@ def make_prepare_batch(
 ) -> Callable[[Mapping[str, Any]], dict]:
     """Loader batch -> engine input: dVAE codes of the images, captions with some dropped to padding.
 
-    The dropout draws from the global torch RNG, which checkpoints save per rank, so resume is exact.
+    The dropout draws from the global torch RNG, which checkpoints save per rank, so resume is exact;
+    without dropout (evaluation) nothing is drawn.
     """
     device = next(dvae.parameters()).device
 
@@ -195,7 +201,8 @@ def make_prepare_batch(
         images = batch["image"].to(device).float() / 255.0
         codes = dvae.encode(images).flatten(1).cpu()
         text = batch["text"].clone()
-        text[torch.rand(text.shape[0]) < caption_dropout] = pad_id
+        if caption_dropout > 0:
+            text[torch.rand(text.shape[0]) < caption_dropout] = pad_id
         return {"text": text, "codes": codes, "valid": batch["valid"]}
 
     return prepare_batch
@@ -204,10 +211,14 @@ def make_prepare_batch(
 def make_evaluate(
     config: DalleStageConfig, dvae: DVAE, tokenizer: TextTokenizer, validation: Mapping[str, Any]
 ) -> Callable[[Engine, int], tuple[dict[str, float], torch.Tensor]]:
-    """Validation losses on a fixed batch, and images drawn for the sample prompts (every rank runs it)."""
+    """Validation losses on a fixed batch, and images drawn for the sample prompts (every rank runs it).
+
+    Draws nothing from the training RNG: no caption dropout, and sampling seeds its own generator
+    (``dalle.sampling.seed``), so the same weights give the same metrics and images on every run.
+    """
     section = config.dalle
     loss_fn = make_loss_fn(config.model, text_weight=section.text_weight, image_weight=section.image_weight)
-    prompts = tokenizer.encode_batch(section.sample_prompts or default_prompts(), config.model.text_len)
+    prompts = tokenizer.encode_batch(section.sample_prompts or default_prompts(config), config.model.text_len)
     side = config.model.image_side
 
     def evaluate(engine: Engine, step: int) -> tuple[dict[str, float], torch.Tensor]:
