@@ -47,6 +47,7 @@ class CheckpointInfo:
     url: str
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
+    metrics_step: int | None = None  # the step the metrics were measured at
     config_hash: str = ""
     world_size: int = 1
     created: float = 0.0
@@ -66,6 +67,7 @@ def read_marker(url: str) -> CheckpointInfo | None:
         url=url,
         step=meta["step"],
         metrics=meta.get("metrics", {}),
+        metrics_step=meta.get("metrics_step"),
         config_hash=meta.get("config_hash", ""),
         world_size=meta.get("world_size", 1),
         created=meta.get("created", 0.0),
@@ -167,8 +169,13 @@ class Checkpointer:
         *,
         loader_state: Any = None,
         metrics: dict[str, float] | None = None,
+        metrics_step: int | None = None,
     ) -> str:
-        """Collective: every rank calls it. Returns the URL of the published checkpoint."""
+        """Collective: every rank calls it. Returns the URL of the published checkpoint.
+
+        ``metrics_step``: the step ``metrics`` were measured at (default: this one); keep-best ranks
+        only checkpoints whose metrics are their own.
+        """
         url = checkpoint_url(self.root, engine.step)
         if read_marker(url) is not None:
             return url  # this exact step is already saved whole; rewriting it would open a gap
@@ -191,6 +198,7 @@ class Checkpointer:
         meta = {
             "step": engine.step,
             "metrics": metrics or {},
+            "metrics_step": engine.step if metrics_step is None else metrics_step,
             "config_hash": self.config_hash,
             "world_size": _world(),
             "created": time.time(),
@@ -245,7 +253,11 @@ class Checkpointer:
         """The complete checkpoint with the best ``best_metric`` (None without one)."""
         if not self.best_metric:
             return None
-        scored = [info for info in list_checkpoints(self.root) if self.best_metric in info.metrics]
+        scored = [
+            info
+            for info in list_checkpoints(self.root)
+            if self.best_metric in info.metrics and info.metrics_step == info.step
+        ]
         if not scored:
             return None
         pick = min if self.best_mode == "min" else max
