@@ -7,11 +7,22 @@ batches. The main process records which positions it has *handed to the caller* 
 prefetched) as per-shard intervals: ``state_dict()`` is exactly what the consumer saw, and any set of
 rank states can be merged and re-split across a different world size without repeating or losing a
 sample. See docs/loader.md.
+
+Trust nothing read: every shard is checked to exist at its recorded size (one listing) before the
+first batch; a shard read whole is checked against its manifest sha256 before any of it is used;
+workers die with the process that started them, and draw randomness only from seeds derived from
+``(seed, epoch, rank, worker)`` (never from the trainer's torch RNG), so a resume is exact.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import itertools
+import os
+import random
+import signal
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -28,11 +39,12 @@ from data_pipeline.loader_plan import (
     read_runs,
     split_among_workers,
 )
-from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.shard_reader import LoadedReject, LoadedSample, decode_entry, iter_entries
+from data_pipeline.manifest import Manifest, ShardEntry, load_manifest
+from data_pipeline.shard_reader import LoadedReject, LoadedSample, decode_entry, iter_entries, read_shard
 from data_pipeline.tokenizer import load_tokenizer
 
 STATE_FORMAT = "tessera-loader/1"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class LoaderError(RuntimeError):
@@ -45,6 +57,7 @@ class _RankBatches(IterableDataset):
     def __init__(
         self,
         shard_urls: list[str],
+        shards: list[ShardEntry],
         batches: list[tuple[int, list[Segment]]],
         *,
         batch_size: int,
@@ -52,9 +65,13 @@ class _RankBatches(IterableDataset):
         tokenizer: Any,
         text_len: int | None,
         strict: bool,
+        seeds: tuple[int, int, int],
     ) -> None:
         self.shard_urls = shard_urls
+        self.shards = shards
         self.batches = batches
+        self.seeds = seeds  # (seed, epoch, rank): with the worker id, what every worker RNG is seeded from
+        self.parent_pid = os.getpid()
         self.batch_size = batch_size
         self.image_size = image_size
         self.tokenizer = tokenizer
@@ -74,11 +91,25 @@ class _RankBatches(IterableDataset):
     def _outcomes(self, segments: list[Segment]) -> Iterator[LoadedSample | LoadedReject]:
         for run in read_runs(segments):
             url = self.shard_urls[run.shard]
-            for _, entry in iter_entries(url, run.lo, run.hi):
-                outcome = (
-                    entry if isinstance(entry, LoadedReject) else decode_entry(entry, url, self.image_size)
-                )
-                if isinstance(outcome, LoadedReject) and self.strict:
+            entry = self.shards[run.shard]
+            data = None
+            if run.lo == 0 and run.hi == entry.num_samples:  # read whole: verify before use
+                data = read_shard(url)
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != entry.sha256:
+                    detail = f"sha256 {actual} ({len(data)} bytes), the manifest says {entry.sha256}"
+                    if self.strict:
+                        raise LoaderError(f"strict loader: shard {url}: checksum_mismatch ({detail})")
+                    for index in range(run.lo, run.hi):
+                        yield LoadedReject(f"<entry {index}>", url, "checksum_mismatch", detail)
+                    continue
+            for _, item in iter_entries(url, run.lo, run.hi, data):
+                outcome = item if isinstance(item, LoadedReject) else decode_entry(item, url, self.image_size)
+                if self.strict and outcome.unsafe_members:
+                    raise LoaderError(
+                        f"strict loader: shard {url}: member {outcome.unsafe_members[0]!r}: unsafe_member"
+                    )
+                if self.strict and isinstance(outcome, LoadedReject):
                     raise LoaderError(f"strict loader: {outcome.message()}")
                 yield outcome
 
@@ -92,6 +123,8 @@ class _RankBatches(IterableDataset):
         """
         good = [item for item in items if isinstance(item, LoadedSample)]
         rejects = Counter(item.reason for item in items if isinstance(item, LoadedReject))
+        rejects["unsafe_member"] += sum(len(item.unsafe_members) for item in items)
+        rejects = +rejects  # drop zero counts
         pool = good or ([filler] if filler is not None else [])
         rows = good + [pool[i % len(pool)] for i in range(self.batch_size - len(good))] if pool else []
         size = self.image_size
@@ -118,6 +151,32 @@ class _RankBatches(IterableDataset):
 # Workers send numpy arrays, turned into tensors here: pickled through the pipe they cost less than
 # torch's shared-memory hand-over (a new shm segment, a copy and an fd passed over a socket per tensor).
 _ARRAYS = ("image", "valid", "text")
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed, distinct per tuple of ints; a worker's is (seed, epoch, rank, worker id)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies (a SIGKILLed trainer leaves no orphans);
+    then check the parent is still there, in case it died before the request was made."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        os._exit(0)
+
+
+def _init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: die with the parent; seed every RNG from (seed, epoch, rank, worker)."""
+    dataset = get_worker_info().dataset
+    _die_with_parent(dataset.parent_pid)
+    seed = derived_seed(*dataset.seeds, worker_id)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +231,13 @@ class TesseraLoader:
         self._names = [entry.name for entry in manifest.shards]
         self._counts = [entry.num_samples for entry in manifest.shards]
         self._urls = [manifest.shard_url(entry) for entry in manifest.shards]
+        problems = manifest.listing_problems()
+        if problems:
+            listed = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+            raise LoaderError(
+                f"{manifest.location or 'the manifest'}: {len(problems)} shard(s) missing or of the "
+                f"wrong size, found before the first batch: {listed}"
+            )
         self._start(epoch, {})
 
     def _start(self, epoch: int, consumed: dict[int, list[Interval]]) -> None:
@@ -195,16 +261,22 @@ class TesseraLoader:
     def __len__(self) -> int:
         return len(self._batches) - len(self._delivered)
 
+    def reject_counts(self) -> dict[str, int]:
+        """Samples (and hostile tar members) skipped so far, by reason, for logging with the step."""
+        return dict(sorted(self.rejects.items()))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pending = [(i, batch) for i, batch in enumerate(self._batches) if i not in self._delivered]
         dataset = _RankBatches(
             self._urls,
+            self.manifest.shards,
             pending,
             batch_size=self.batch_size,
             image_size=self.manifest.image_size,
             tokenizer=self.tokenizer,
             text_len=self.text_len,
             strict=self.strict,
+            seeds=(self.seed, self.epoch, self.rank),
         )
         workers = min(self.num_workers, len(pending))
         if workers == 0:
@@ -218,6 +290,9 @@ class TesseraLoader:
                     prefetch_factor=self.prefetch_factor,
                     multiprocessing_context=self.multiprocessing_context,
                     collate_fn=_as_is,
+                    worker_init_fn=_init_worker,
+                    # Workers' base seed from a private generator: the trainer's torch RNG is not drawn.
+                    generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, self.rank)),
                 )
             )
         for batch in stream:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -36,6 +37,7 @@ class LoadedSample:
     image: np.ndarray  # (H, W, 3) uint8
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    unsafe_members: tuple[str, ...] = ()  # hostile member names seen beside this entry, dropped
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class LoadedReject:
     url: str
     reason: str
     detail: str
+    unsafe_members: tuple[str, ...] = ()
 
     def message(self) -> str:
         return f"shard {self.url}: sample '{self.key}': {self.reason} ({self.detail})"
@@ -54,14 +57,25 @@ class _WindowDone(Exception):
 
 
 class _EntryWindow:
-    """Counts entries as member names go by and selects only those inside ``[lo, hi)``."""
+    """Counts entries as member names go by and selects only those inside ``[lo, hi)``.
+
+    A member whose path would escape the shard (absolute, ``..``) is never part of an entry, so it can
+    neither split the real sample around it nor shift the count; it is noted against the entry it
+    follows (the first entry, if it comes first) and counted as an ``unsafe_member`` reject.
+    """
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
         self.index = -1
         self.prefix: str | None = None
+        self.unsafe: dict[int, list[str]] = {}
 
     def select(self, fname: str) -> bool:
+        if is_unsafe(fname):
+            owner = max(self.index, 0)
+            if self.lo <= owner < self.hi:
+                self.unsafe.setdefault(owner, []).append(fname)
+            return False
         prefix, _ = base_plus_ext(fname)
         if prefix is None:  # no extension: not part of any sample (webdataset drops these too)
             return False
@@ -81,16 +95,26 @@ def _filesystem(pid: int, protocol: str, credentials: tuple[tuple[str, str], ...
 
 
 def open_shard(url: str) -> IO[bytes]:
+    """A sequential stream of the shard; object-store reads resume through an outage."""
     if storage.is_local(url):
-        return open(url.removeprefix("file://"), "rb")
+        return storage.open_resilient(url)
     protocol = url.split("://", 1)[0]
     fs = _filesystem(os.getpid(), protocol, tuple(sorted(storage.credential_env().items())))
-    return fs.open(fs._strip_protocol(url), "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
+    return storage.open_resilient(url, fs, block_size=READ_BLOCK_BYTES, cache_type="readahead")
 
 
-def iter_entries(url: str, lo: int, hi: int) -> Iterator[tuple[int, dict[str, Any] | LoadedReject]]:
-    """``(index, members)`` for every entry index in ``[lo, hi)``; ``members`` maps extension -> bytes.
+def read_shard(url: str) -> bytes:
+    with open_shard(url) as stream:
+        return stream.read()
 
+
+def iter_entries(
+    url: str, lo: int, hi: int, data: bytes | None = None
+) -> Iterator[tuple[int, dict[str, Any] | LoadedReject]]:
+    """``(index, members)`` for every entry index in ``[lo, hi)``; ``members`` maps extension -> bytes,
+    plus ``__unsafe__`` (hostile member names dropped beside the entry) when there were any.
+
+    ``data``: the shard's bytes when already read whole (and verified); else the shard is streamed.
     Indices the tar does not deliver (truncated or cut short) come back as ``LoadedReject('truncated_tar')``.
     """
     window = _EntryWindow(lo, hi)
@@ -103,12 +127,12 @@ def iter_entries(url: str, lo: int, hi: int) -> Iterator[tuple[int, dict[str, An
 
     current: dict[str, Any] | None = None
     current_index = -1
-    with open_shard(url) as stream:
+    with open_shard(url) if data is None else io.BytesIO(data) as stream:
         try:
             for member in tar_file_iterator(stream, handler=handler, select_files=window.select):
                 if window.index != current_index:
                     if current is not None:
-                        yield current_index, current
+                        yield current_index, _with_unsafe(current, window, current_index)
                     current, current_index = {"__key__": window.prefix}, window.index
                 _, ext = base_plus_ext(member["fname"])
                 ext = ext.lower()
@@ -119,30 +143,42 @@ def iter_entries(url: str, lo: int, hi: int) -> Iterator[tuple[int, dict[str, An
             failure.append(str(exc))
     # An entry is whole once the window has moved past it, or when the tar ended cleanly after it.
     if current is not None and (not failure or current_index < window.index):
-        yield current_index, current
+        yield current_index, _with_unsafe(current, window, current_index)
         next_index = current_index + 1
     else:
         next_index = current_index if current is not None else lo
     detail = failure[0] if failure else "the shard has fewer entries than the manifest says"
     for index in range(max(lo, next_index), hi):
         key = current["__key__"] if current is not None and index == current_index else f"<entry {index}>"
-        yield index, LoadedReject(key, url, "truncated_tar", detail)
+        unsafe = tuple(window.unsafe.get(index, ()))
+        yield index, LoadedReject(key, url, "truncated_tar", detail, unsafe)
 
 
-def is_unsafe(key: str) -> bool:
+def _with_unsafe(members: dict[str, Any], window: _EntryWindow, index: int) -> dict[str, Any]:
+    unsafe = window.unsafe.pop(index, None)
+    return {**members, "__unsafe__": tuple(unsafe)} if unsafe else members
+
+
+def is_unsafe(name: str) -> bool:
     """A member path that would land outside the extraction directory (absolute or with ``..``)."""
-    return key.startswith("/") or ".." in key.split("/")
+    return name.startswith("/") or ".." in name.split("/")
+
+
+def header_problem(image: Image.Image, image_size: int) -> str | None:
+    """Checked from the header, before any pixel is decoded: a 10000x10000 PNG costs nothing."""
+    if image.size != (image_size, image_size):
+        return f"{image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}"
+    return None
 
 
 def decode_entry(members: dict[str, Any], url: str, image_size: int) -> LoadedSample | LoadedReject:
     """JPEG straight to a uint8 (H, W, 3) array; caption and metadata checked; no float conversion."""
     key = members["__key__"]
+    unsafe = members.get("__unsafe__", ())
 
     def reject(reason: str, detail: str) -> LoadedReject:
-        return LoadedReject(key, url, reason, detail)
+        return LoadedReject(key, url, reason, detail, unsafe)
 
-    if is_unsafe(key):
-        return reject("unsafe_member", "member path escapes the shard directory")
     if "__duplicate__" in members:
         return reject("duplicate_member", f"two '.{members['__duplicate__']}' members")
     if "jpg" not in members:
@@ -150,14 +186,17 @@ def decode_entry(members: dict[str, Any], url: str, image_size: int) -> LoadedSa
     if "txt" not in members:
         return reject("missing_caption", "no .txt member")
     try:
-        with Image.open(io.BytesIO(members["jpg"])) as img:
-            image = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the header check decides
+            with Image.open(io.BytesIO(members["jpg"])) as img:
+                problem = header_problem(img, image_size)
+                if problem is not None:
+                    return reject("wrong_image_size", problem)
+                image = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
         return reject("undecodable_image", f"{type(exc).__name__}: {exc}")
-    if image.shape != (image_size, image_size, 3):
-        return reject(
-            "wrong_image_size", f"{image.shape[1]}x{image.shape[0]}, expected {image_size}x{image_size}"
-        )
+    if image.shape != (image_size, image_size, 3):  # a header that lied about the size
+        return reject("wrong_image_size", f"decoded {image.shape}, expected {image_size}x{image_size}")
     try:
         caption = members["txt"].decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -166,4 +205,4 @@ def decode_entry(members: dict[str, Any], url: str, image_size: int) -> LoadedSa
         meta = json.loads(members["json"]) if "json" in members else {}
     except ValueError as exc:
         return reject("bad_metadata", f"not JSON: {exc}")
-    return LoadedSample(key, url, image, caption, meta)
+    return LoadedSample(key, url, image, caption, meta, unsafe)

@@ -278,19 +278,24 @@ def entry_for(path: Path, num_samples: int) -> ShardEntry:
 
 
 def escaping_shard(dest: Path, name: str, good_key: str) -> ShardEntry:
-    """A good sample, then a ``../escape.jpg`` member and an absolute ``/etc/evil.jpg`` member."""
+    """One good sample with hostile members before, inside and after it: ``../escape.jpg``, a
+    ``../<key>.txt`` between its own jpg and txt, and an absolute ``/etc/evil.jpg``. Hostile members
+    belong to no sample, so the shard holds one entry and the good sample survives them."""
     path = dest / name
+    good = sample_members(good_key, 1)
     with tarfile.open(path, "w") as tar:
         for member, data in [
-            *[(f"{good_key}.{ext}", payload) for ext, payload in sample_members(good_key, 1).items()],
             ("../escape.jpg", jpeg(2)),
-            ("../escape.txt", b"escaped"),
+            (f"{good_key}.jpg", good["jpg"]),
+            (f"../{good_key}.txt", b"escaped"),
+            (f"{good_key}.txt", good["txt"]),
+            (f"{good_key}.json", good["json"]),
             ("/etc/evil.jpg", jpeg(3)),
         ]:
             info = tarfile.TarInfo(member)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    return entry_for(path, 3)
+    return entry_for(path, 1)
 
 
 def fixture_keys(sizes: dict[int, int]) -> list[tuple[str, str]]:
@@ -344,7 +349,7 @@ def test_bad_input_is_skipped_and_counted(damaged):
     assert rejects == {
         "undecodable_image": 1,
         "missing_caption": 1,
-        "unsafe_member": 2,
+        "unsafe_member": 3,
         "truncated_tar": 6 - len(kept),
     }
 
@@ -353,7 +358,7 @@ def test_bad_input_is_skipped_and_counted(damaged):
     ("shard", "names"),
     [
         ("shard-00002-0000.tar", "'bad-jpg': undecodable_image"),
-        ("shard-00003-0000.tar", "'../escape': unsafe_member"),
+        ("shard-00003-0000.tar", "member '../escape.jpg': unsafe_member"),
         ("shard-00004-0000.tar", "'s004-00003': truncated_tar \\(unexpected end of data\\)"),
     ],
 )
@@ -361,7 +366,7 @@ def test_strict_raises_naming_shard_and_key(damaged, shard, names):
     only = damaged.model_copy(update={"shards": [s for s in damaged.shards if s.name == shard]})
     only._location = damaged.location
     loader = open_loader(only, rank=0, world_size=1, batch_size=8, seed=0, num_workers=1, strict=True)
-    with pytest.raises(LoaderError, match=f"strict loader: shard .*{shard}: sample {names}"):
+    with pytest.raises(LoaderError, match=f"strict loader: shard .*{shard}: (sample )?{names}"):
         list(loader)
 
 
