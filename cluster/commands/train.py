@@ -15,6 +15,8 @@ from cluster.config import load_config
 STAGES: dict[str, str] = {
     "dvae": "trainer.stages.dvae",
     "dalle": "trainer.stages.dalle",
+    "reward": "trainer.stages.reward",
+    "dpo": "trainer.stages.dpo",
 }
 
 
