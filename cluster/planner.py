@@ -18,7 +18,9 @@ code, not a formula that drifts from it. Everything else is the standard account
   layer's 16-bit input is kept, plus one layer being recomputed. Logits add 10 bytes per element
   (16-bit logits, their fp32 copy in the loss and its gradient).
 - Step time = model FLOPs per step / (GPUs * peak * MFU), with the model's own
-  ``flops_per_token`` (the same count ``trainer.engine`` uses for MFU; sparse masks included).
+  ``flops_per_token`` (the same count ``trainer.engine`` uses for MFU): the attention tiles the fused
+  kernel computes (column layers in column-major order), and every token's top_k experts however many
+  ranks hold them.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ class ModelCensus:
     total_params: int
     expert_params: int  # all experts of all MoE layers
     largest_layer_params: int  # most parameters owned directly by one module (DeepSpeed's definition)
-    flops_per_token: float  # training FLOPs per position (the model's own count, sparse masks included)
+    flops_per_token: (
+        float  # training FLOPs per position (the model's own count: computed tiles, top_k experts)
+    )
     moe_layers: int
     depth: int
     width: int

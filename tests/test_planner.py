@@ -17,6 +17,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import (
 )
 
 from cluster.planner import PlanInputs, plan
+from kernels.masks import dalle_mask
 from trainer.models.dalle import DalleConfig
 from trainer.models.moe import MoEConfig
 
@@ -95,6 +96,45 @@ def test_step_time_follows_tokens_flops_and_mfu():
     assert four.tokens_per_step == 4 * one.tokens_per_step
     # 6 FLOPs per parameter per token dominate a 12B model's count.
     assert one.census.flops_per_token == pytest.approx(6 * 12.2e9, rel=0.1)
+
+
+def column_major(text_len: int, side: int, length: int) -> list[int]:
+    image = [text_len + row * side + column for column in range(side) for row in range(side)]
+    return [p for p in list(range(text_len)) + image if p < length]
+
+
+def computed_tiles(config: DalleConfig, kind: str) -> int:
+    """64x64 tiles with any allowed pair, for one layer's mask in the order the layer attends in."""
+    seq = config.seq_len
+    order = column_major(config.text_len, config.image_side, seq) if kind == "column" else list(range(seq))
+    mask = dalle_mask(config.text_len, config.image_side, kind)[order][:, order]
+    return sum(bool(mask[i : i + 64, j : j + 64].any()) for i in range(0, seq, 64) for j in range(0, seq, 64))
+
+
+def test_step_time_scales_with_the_flops_the_kernels_compute():
+    """Column vs full layers differ only in computed attention tiles; experts cost the same at any ep_size."""
+    inputs = PlanInputs(nodes=1, gpus_per_node=8, zero_stage=1, micro_batch=2, mfu=0.5, peak_tflops=100)
+    per_second = inputs.gpus * 100e12 * 0.5
+    column, full = (
+        plan(SMALL.model_copy(update={"attention_cycle": [kind], "last_layer_attention": None}), inputs)
+        for kind in ("column", "full")
+    )
+    assert column.census.total_params == full.census.total_params
+    skipped = computed_tiles(SMALL, "full") - computed_tiles(SMALL, "column")
+    assert skipped > 0  # column-major order lets the kernel skip tiles causal attention computes
+    saved_flops = 12 * SMALL.width * SMALL.depth * skipped * 64 * 64 / SMALL.seq_len
+    assert full.step_time_s - column.step_time_s == pytest.approx(
+        full.tokens_per_step * saved_flops / per_second, rel=1e-9
+    )
+    dense = plan(SMALL, inputs)
+    moe_step = []
+    for ep_size in (1, 8):
+        moe = MoEConfig(enabled=True, every=2, num_experts=8, top_k=2, ep_size=ep_size)
+        moe_step.append(plan(SMALL.model_copy(update={"moe": moe}), inputs).step_time_s)
+    # Per MoE layer: a gate (width x 8) and a second expert FFN (2 x width x 4 width) on top of the dense FFN.
+    extra = 6 * (SMALL.depth // 2) * (SMALL.width * 8 + 2 * SMALL.width * 4 * SMALL.width)
+    expected = dense.step_time_s + dense.tokens_per_step * extra / per_second
+    assert moe_step == pytest.approx([expected, expected], rel=1e-9)
 
 
 def test_experts_are_split_over_the_expert_parallel_group():

@@ -224,6 +224,8 @@ class DalleTransformer(nn.Module):
         """GPT-2 init: N(0, std); residual output projections scaled by 1/sqrt(2 * depth)."""
         std = self.config.init_std
         for name, param in self.named_parameters():
+            if param.is_meta:  # nothing to fill, and meta-device init dispatch costs seconds at 12B
+                continue
             if param.dim() < 2:
                 nn.init.zeros_(param) if name.endswith("bias") else nn.init.ones_(param)
             elif name.endswith(("attn.out.weight", ".2.weight")):  # residual-branch outputs
