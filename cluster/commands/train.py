@@ -9,6 +9,7 @@ import os
 
 from cluster.cli import add_common_args
 from cluster.config import load_config
+from cluster.stage_inputs import resolve_stage_inputs
 
 # Stage name -> module exposing CONFIG (its pydantic schema) and train(config) -> summary dict.
 # Imported lazily: `tessera --help` must not pay for torch and DeepSpeed.
@@ -55,7 +56,7 @@ def load_stage_config(args: argparse.Namespace):
             for name in ("manifest", "validation_manifest", "tokenizer")
         }
     )
-    return module, config.model_copy(update={"run": run, "data": data})
+    return module, resolve_stage_inputs(config.model_copy(update={"run": run, "data": data}))
 
 
 def _absolute(url: str | None) -> str | None:
