@@ -187,10 +187,11 @@ class StepResult:
     grad_norm: float | None
     samples: int
     tokens: int
-    step_time_s: float
+    step_time_s: float  # wall time: waiting for the batch and preparing it, then computing on it
+    data_wait_fraction: float  # share of step_time_s spent waiting for / preparing the batch
     samples_per_s: float
     tokens_per_s: float
-    tflops: float | None  # achieved per device
+    tflops: float | None  # achieved per device, over the wall time
     mfu: float | None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -201,6 +202,7 @@ class StepResult:
             "grad_norm": self.grad_norm,
             "samples_per_s": self.samples_per_s,
             "tokens_per_s": self.tokens_per_s if self.tokens else None,
+            "data_wait_fraction": self.data_wait_fraction,
             "tflops": self.tflops,
             "mfu": self.mfu,
             **self.metrics,
@@ -296,9 +298,13 @@ class Engine:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
-    def train_step(self, batch: Mapping[str, Any]) -> StepResult:
-        """One optimizer step over ``batch`` (this rank's ``micro_batch_size * grad_accum`` samples)."""
-        started = time.perf_counter()
+    def train_step(self, batch: Mapping[str, Any], data_wait_s: float = 0.0) -> StepResult:
+        """One optimizer step over ``batch`` (this rank's ``micro_batch_size * grad_accum`` samples).
+
+        ``data_wait_s``: how long the caller waited for and prepared ``batch``; rates and MFU are
+        measured over that plus the compute, the wall time the step really took.
+        """
+        started = time.perf_counter() - data_wait_s
         micro_batches = split_micro_batches(batch, self.config.grad_accum)
         losses: list[float] = []
         grad_norm = None
@@ -335,7 +341,7 @@ class Engine:
             self.applied_steps += 1
             self._set_lr()
         self._count_nonfinite(step_is_bad)
-        return self._result(started, losses, metric_sums, applied, step_is_bad, grad_norm)
+        return self._result(started, data_wait_s, losses, metric_sums, applied, step_is_bad, grad_norm)
 
     def _bare_grad_norm(self) -> float | None:
         """Pre-clip gradient norm for a bare optimizer, which DeepSpeed does not record."""
@@ -365,6 +371,7 @@ class Engine:
     def _result(
         self,
         started: float,
+        data_wait_s: float,
         losses: list[float],
         metric_sums: dict[str, float],
         applied: bool,
@@ -390,6 +397,7 @@ class Engine:
             samples=samples,
             tokens=tokens,
             step_time_s=elapsed,
+            data_wait_fraction=data_wait_s / elapsed,
             samples_per_s=samples / elapsed,
             tokens_per_s=tokens / elapsed,
             tflops=tflops,

@@ -75,21 +75,27 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Progress:
-    """A rank-0 log line every ``log_every`` steps with the step rate and the ETA."""
+    """A rank-0 log line every ``log_every`` steps: rates over the steps since the last line, and the ETA.
+
+    Steps/s and samples/s come from the same wall-clock window (loader waits, evaluations and
+    checkpoints included), so samples/s is always steps/s times the global batch.
+    """
 
     def __init__(self, total: int, start_step: int) -> None:
         self.total = total
-        self.start_step = start_step
-        self.started = time.monotonic()
+        self.last_step = start_step
+        self.last_time = time.monotonic()
 
     def line(self, result: StepResult, extra: Mapping[str, float]) -> str:
-        done = result.step - self.start_step
-        rate = done / max(1e-9, time.monotonic() - self.started)
-        eta = (self.total - result.step) / rate if rate > 0 else float("inf")
+        now = time.monotonic()
+        steps_per_s = (result.step - self.last_step) / max(1e-9, now - self.last_time)
+        self.last_step, self.last_time = result.step, now
+        eta = (self.total - result.step) / steps_per_s if steps_per_s > 0 else float("inf")
         shown = " ".join(f"{k} {v:.4g}" for k, v in extra.items())
         return (
             f"step {result.step}/{self.total} loss {result.loss:.4f} lr {result.lr:.3g} "
-            f"{result.samples_per_s:.1f} samples/s {rate:.2f} steps/s ETA {_format_eta(eta)} {shown}"
+            f"{steps_per_s * result.samples:.1f} samples/s {steps_per_s:.2f} steps/s "
+            f"data wait {result.data_wait_fraction:.0%} ETA {_format_eta(eta)} {shown}"
         ).rstrip()
 
 
@@ -143,10 +149,16 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
             tracker.set_tags({"resumed_from": resume_url})
 
     summary: dict[str, Any] = {"stage": stage, "start_step": engine.step, "resumed_from": resume_url}
-    last_eval: dict[str, float] = {}
+    # A resumed run starts with the metrics its checkpoint measured at that very step.
+    last_eval: dict[str, float] = dict(state["metrics"]) if resume_url else {}
+    last_eval_step = engine.step if resume_url else -1
 
     def evaluate() -> dict[str, float]:
-        metrics, grid = parts.evaluate(engine, engine.step)
+        # Evaluation draws nothing from the training RNG: it runs on a forked, freshly seeded copy,
+        # so whether and how often a run evaluates never changes its training (resume stays exact).
+        with torch.random.fork_rng(devices=[engine.device] if engine.device.type == "cuda" else []):
+            torch.manual_seed(run.seed)
+            metrics, grid = parts.evaluate(engine, engine.step)
         if tracker is not None:
             tracker.log_metrics(metrics, step=engine.step)
             if grid is not None:
@@ -154,8 +166,14 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
         summary.setdefault("first_eval", metrics)
         return metrics
 
-    def save(metrics: dict[str, float]) -> str:
-        url = checkpointer.save(engine, loader_state=loader.state_dict(), metrics=metrics)
+    def save() -> str:
+        """A checkpoint with metrics measured on its own weights (evaluated now if not yet)."""
+        nonlocal last_eval, last_eval_step
+        if last_eval_step != engine.step:
+            last_eval, last_eval_step = evaluate(), engine.step
+        url = checkpointer.save(
+            engine, loader_state=loader.state_dict(), metrics=last_eval, metrics_step=last_eval_step
+        )
         if tracker is not None:
             tracker.set_tags({"checkpoint.latest": url})
             tracker.log_metrics({"checkpoint_step": engine.step}, step=engine.step)
@@ -167,20 +185,22 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
     eval_every = run.eval_every or run.checkpoint_every
     status = "FAILED"
     try:
-        last_eval = evaluate()
+        if not resume_url:
+            last_eval, last_eval_step = evaluate(), engine.step
         batches = iter(loader)
+        waited = time.perf_counter()  # loader wait + prepare_batch count in the step's wall time
         while engine.step < total:
             batch = next(batches, None)
             if batch is None:  # epoch done: the next one reshuffles
                 loader.set_epoch(loader.epoch + 1)
                 batches = iter(loader)
                 continue
+            prepared = parts.prepare_batch(batch)
             try:
-                result = engine.train_step(parts.prepare_batch(batch))
+                result = engine.train_step(prepared, data_wait_s=time.perf_counter() - waited)
             except NonFiniteLossError:
-                url = save(last_eval)
+                url = save()  # the weights are the last good step's; so are the metrics
                 log.error("stopping: last good state saved at %s", url)
-                summary["checkpoint"] = url
                 raise
             if tracker is not None and (result.step % run.log_every == 0 or result.step == total):
                 metrics = result.log_metrics()
@@ -189,9 +209,10 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
                 log.info(progress.line(result, result.metrics))
             summary["loss"] = result.loss
             if result.step % eval_every == 0 or result.step == total:
-                last_eval = evaluate()
+                last_eval, last_eval_step = evaluate(), engine.step
             if result.step % run.checkpoint_every == 0 or result.step == total:
-                save(last_eval)
+                save()
+            waited = time.perf_counter()
         status = "FINISHED"
     finally:
         if tracker is not None:
