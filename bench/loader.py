@@ -4,13 +4,17 @@ Starts its own single-node Ceph RGW (``infra/object-store-ceph.sh``; a moto serv
 the Ceph binaries are missing, which the output then says), ingests a synthetic dataset into it with
 the real ``data_pipeline.ingest`` and reads it, one full epoch per measurement, with
 
-- ``webdataset``: ``webdataset.WebDataset(urls).decode("torchrgb").to_tuple("jpg", "txt")`` in a torch
-  DataLoader with ``batch_size`` (what a user would write; s3 opened through one s3fs per worker);
+- ``webdataset``: ``webdataset.WebDataset(urls).decode("torchrgb8").to_tuple("jpg", "txt")`` in a torch
+  DataLoader with ``batch_size`` (what a user would write; s3 opened through one s3fs per worker). It
+  decodes to uint8, like Tessera's loader, so the headline ratio compares loaders, not dtypes;
+- ``webdataset-float``: the same with ``decode("torchrgb")`` (float32 in [0, 1]), webdataset's usual
+  recipe, as a second row;
 - ``tessera``: ``data_pipeline.loader.open_loader(...)`` (rank 0 of 1);
 - ``ray-data`` (``--ray-data``): ``ray.data.read_webdataset`` over pyarrow's S3 filesystem, ``iter_batches``
   on a local Ray with ``num_cpus`` = workers.
 
-each with 1 and 2 workers, repeats interleaved, medians reported (the best repeat is in the JSON). CPU
+each with 1 and 2 workers, repeats interleaved, medians reported (the best repeat is in the JSON; each
+repeat records the 1-minute load average, and ``--note`` says what else shared the machine). CPU
 time per sample (this process and its DataLoader workers; the store's daemons beside it) is reported
 too, as the cost measure that contention on a shared machine does not move. Ratios come from the same
 run: tessera / webdataset at each worker count, and 2-worker / (2 x 1-worker) scaling efficiency.
@@ -51,6 +55,10 @@ from data_pipeline.manifest import Manifest, load_manifest  # noqa: E402
 
 CEPH_BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin")
 ACCESS_KEY, SECRET_KEY, BUCKET = "benchkey", "benchsecret", "tessera-bench"
+BASELINE_DECODES = {
+    "webdataset": "torchrgb8",
+    "webdataset-float": "torchrgb",
+}  # the headline decodes to uint8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ray-data", action="store_true", help="add a Ray Data read_webdataset row")
+    parser.add_argument("--note", default="", help="conditions of the run, kept in the JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
     return parser.parse_args(argv)
 
@@ -146,10 +155,10 @@ def _register_baseline_s3(_worker_id: int = 0) -> None:
     webdataset.gopen_schemes["s3"] = _baseline_open_s3
 
 
-def epoch_webdataset(manifest: Manifest, batch_size: int, workers: int) -> tuple[int, float]:
+def epoch_webdataset(manifest: Manifest, batch_size: int, workers: int, decode: str) -> tuple[int, float]:
     _register_baseline_s3()
     started = time.perf_counter()
-    dataset = webdataset.WebDataset(manifest.shard_urls(), shardshuffle=False).decode("torchrgb")
+    dataset = webdataset.WebDataset(manifest.shard_urls(), shardshuffle=False).decode(decode)
     dataset = dataset.to_tuple("jpg", "txt")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=_register_baseline_s3
@@ -310,7 +319,10 @@ def main(argv=None) -> int:
         print(f"store {kind} at {endpoint}: {manifest.num_samples} samples, {len(manifest.shards)} shards")
         # Ray Data runs last: its cluster processes would otherwise be reaped (and their CPU
         # counted) during the other loaders' epochs.
-        groups = [{"webdataset": epoch_webdataset, "tessera": epoch_tessera}]
+        baselines = {
+            name: functools.partial(epoch_webdataset, decode=spec) for name, spec in BASELINE_DECODES.items()
+        }
+        groups = [{**baselines, "tessera": epoch_tessera}]
         if args.ray_data:
             groups.append({"ray-data": epoch_ray_data})
         store_pids = [h.pid if isinstance(h, subprocess.Popen) else h for h in handles]
@@ -360,8 +372,10 @@ def main(argv=None) -> int:
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "repeats": args.repeats,
-            "statistic": "median of repeats (best_samples_per_s: the best repeat)",
+            "statistic": "median of interleaved repeats (best_samples_per_s: the best repeat)",
+            "baseline_decode": BASELINE_DECODES,
         },
+        "note": args.note,
         "targets": {"tessera_vs_webdataset": 1.5, "scaling_efficiency_1_to_2": 0.8},
         "results": rows,
     }

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "cluster.commands.tokenizer",
     "cluster.commands.train",
     "cluster.commands.sample",
+    "cluster.commands.export",
     "cluster.commands.plan",
     "cluster.commands.demo",
     "cluster.commands.tracking",

@@ -1,0 +1,267 @@
+"""Docs figures from benchmark JSON: the one way a measured number gets into docs/.
+
+Each doc in ``DOCS`` holds generated blocks between ``<!-- bench-report:NAME ... -->`` and
+``<!-- /bench-report:NAME -->``; ``RENDERERS[NAME]`` rebuilds a block from ``bench/results/*.json``, so a
+re-run benchmark changes its docs by running this script, never by hand. A result with no JSON (GPU
+benchmarks on a CPU-only box) renders as unmeasured. ``tests/test_bench_report.py`` runs ``--check``.
+
+    python bench/report.py           # rewrite the generated blocks
+    python bench/report.py --check   # exit 1 and name every block that disagrees with its JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("docs/benchmarks.md", "docs/training.md", "docs/loader.md")
+BLOCK = re.compile(
+    r"(?P<open><!-- bench-report:(?P<name>[\w-]+)[^\n]*?-->\n)"
+    r"(?P<body>.*?)"
+    r"(?P<close><!-- /bench-report:(?P=name) -->)",
+    re.DOTALL,
+)
+UNMEASURED = "**unmeasured**: needs a GPU session"
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """Every ``*.json`` in ``results_dir`` by file stem (``loader.json`` -> ``"loader"``)."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(results_dir.glob("*.json"))}
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def loader_rows(report: dict) -> dict[tuple[str, int], dict]:
+    return {(row["loader"], row["workers"]): row for row in report["results"]}
+
+
+def baseline_decodes(report: dict) -> dict[str, str]:
+    """Loader name -> webdataset decode spec. Runs before the uint8 baseline only had the float one."""
+    return report["settings"].get("baseline_decode", {"webdataset": "torchrgb"})
+
+
+# -- summary table (docs/benchmarks.md) ---------------------------------------------------------------
+def overhead_claim(report: dict) -> list[str]:
+    model, engine, plain = report["model"], report["engine_median_ms"], report["plain_median_ms"]
+    return [
+        f"engine overhead (ZeRO-0 fp32, 1 process, dVAE {model['image_size']} px hidden {model['hidden']}, "
+        f"batch {report['batch_size']})",
+        f"`{report['command']}`",
+        "plain PyTorch loop, same AdamW and batches",
+        f"{engine:.1f} ms vs {plain:.1f} ms per step: **{engine / plain:.3f}x**",
+        f"<= {report['target_ratio']:.2f}x",
+        "`trainer_overhead.json`",
+    ]
+
+
+def loader_claim(report: dict) -> list[str]:
+    settings, targets = report["settings"], report["targets"]
+    rows, decodes = loader_rows(report), baseline_decodes(report)
+    parts = []
+    for workers in sorted({w for _, w in rows}):
+        ours, base = rows.get(("tessera", workers)), rows.get(("webdataset", workers))
+        if ours and base:
+            parts.append(
+                f"{workers} worker{'s' * (workers > 1)}: {ours['samples_per_s']:,.0f} vs "
+                f"{base['samples_per_s']:,.0f} samples/s = **{ours['vs_webdataset']:.2f}x**"
+            )
+    if ("tessera", 2) in rows:
+        parts.append(f"scaling 1->2 workers {rows[('tessera', 2)]['scaling_efficiency']:.2f}")
+    if ("webdataset-float", 1) in rows:
+        parts.append(
+            f"float baseline: {rows[('webdataset-float', 1)]['vs_webdataset']:.2f}x the uint8 one (1 worker)"
+        )
+    if ("ray-data", 1) in rows:
+        ray = rows[("ray-data", 1)]
+        parts.append(
+            f"Ray Data `read_webdataset` {ray['samples_per_s']:,.0f} samples/s ({ray['vs_webdataset']:.2f}x)"
+        )
+    return [
+        f"loader throughput from {report['store']} ({settings['samples']:,} x {settings['image_size']} px, "
+        f"batch {settings['batch_size']}, median of {settings['repeats']})",
+        f"`{report['command']}`",
+        f'`webdataset.WebDataset(...).decode("{decodes["webdataset"]}")` + DataLoader',
+        "; ".join(parts),
+        f">= {targets['tessera_vs_webdataset']}x, >= {targets['scaling_efficiency_1_to_2']} scaling",
+        "`loader.json`",
+    ]
+
+
+def sampling_claim(report: dict) -> list[str]:
+    model, seconds = report["model"], report["seconds"]
+    identical, speedup = report["codes_identical_fraction"], report["speedup_cache_over_no_cache"]
+    return [
+        f"KV-cache sampling ({report['image_tokens_per_sample']:,} image tokens, "
+        f"{model['parameters'] / 1e6:.0f}M-param model, batch {report['batch']}, {report['device']})",
+        f"`{report['command']}`",
+        "the same model re-running the whole prefix per token",
+        f"{seconds['cache']:.1f} s vs {seconds['no-cache']:.1f} s: **{speedup:.1f}x**, "
+        + ("identical codes" if identical == 1 else f"{identical:.1%} of codes identical"),
+        f">= {report['target_speedup']:g}x",
+        "`sampling.json`",
+    ]
+
+
+def attention_claim(report: dict | None) -> list[str]:
+    claim = [
+        "fused block-sparse attention (DALL-E masks at seq 1280, 62 x 64 heads; long causal)",
+        "`python bench/attention.py` (GPU)",
+        "SDPA (flash for causal, dense boolean mask for DALL-E masks) and compiled FlexAttention",
+    ]
+    target = ">= 1.2x Flex, >= 2x masked SDPA, >= 0.9x SDPA-flash causal"
+    if report is None:
+        return [*claim, UNMEASURED, target, "-"]
+    speedups = []
+    for baseline in ("flex", "sdpa"):
+        values = [
+            r["speedup_fwd_bwd"]
+            for r in report["results"]
+            if r["method"] == baseline and "speedup_fwd_bwd" in r
+        ]
+        if values:
+            speedups.append(f"fwd+bwd vs {baseline} {min(values):.2f}x to {max(values):.2f}x")
+    return [*claim, f"{report['device']}: " + "; ".join(speedups), target, "`attention.json`"]
+
+
+def render_summary(results: dict[str, dict]) -> str:
+    rows = [
+        overhead_claim(results["trainer_overhead"]),
+        loader_claim(results["loader"]),
+        sampling_claim(results["sampling"]),
+        attention_claim(results.get("attention")),
+    ]
+    return table(["claim", "command", "baseline", "result", "target", "JSON"], rows)
+
+
+# -- detail tables ----------------------------------------------------------------------------------
+def render_trainer_overhead(results: dict[str, dict]) -> str:
+    report = results["trainer_overhead"]
+    plain, engine = report["plain_median_ms"], report["engine_median_ms"]
+    model, versions = report["model"], report["versions"]
+    rows = [
+        ["plain PyTorch (forward, backward, clip, AdamW)", f"{plain:.1f}", "1.000"],
+        ["tessera Engine (DeepSpeed ZeRO-0)", f"{engine:.1f}", f"{engine / plain:.3f}"],
+    ]
+    met = "met" if engine / plain <= report["target_ratio"] else "NOT met"
+    return (
+        f"`{report['command']}` (dVAE {model['image_size']} px, hidden {model['hidden']}, "
+        f"{model['vocab_size']} codes, batch {report['batch_size']}, one process, ZeRO-0 fp32, the two loops "
+        f"alternating step by step on the same batches; medians of {report['steps_measured']} steps; "
+        f"{report['device']}, {report['threads']} thread(s), torch {versions['torch']}, DeepSpeed "
+        f"{versions['deepspeed']}, {report['date'][:10]}):\n\n"
+        + table(["loop", "median step (ms)", "ratio"], rows)
+        + f"\nTarget <= {report['target_ratio']:.2f}x: {met} (`bench/results/trainer_overhead.json`).\n"
+    )
+
+
+def render_loader(results: dict[str, dict]) -> str:
+    report = results["loader"]
+    decodes = baseline_decodes(report)
+    names = {
+        **{name: f'webdataset `decode("{spec}")`' for name, spec in decodes.items()},
+        "tessera": "**tessera**",
+        "ray-data": "Ray Data `read_webdataset`",
+    }
+
+    def number(value, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
+    rows = [
+        [
+            names.get(row["loader"], row["loader"]),
+            f"{row['workers']} CPU{'s' * (row['workers'] > 1)}"
+            if row["loader"] == "ray-data"
+            else str(row["workers"]),
+            number(row["samples_per_s"], ",.0f"),
+            number(row["vs_webdataset"], ".2f", "x"),
+            number(row["scaling_efficiency"], ".2f"),
+            number(row["cpu_us_per_sample"], ".0f"),
+            number(row["cpu_vs_webdataset"], ".2f", "x"),
+        ]
+        for row in report["results"]
+    ]
+    versions = report["versions"]
+    loads = [r["load_average_1min"] for row in report["results"] for r in row["repeats"]]
+    note = f" {report['note']}" if report.get("note") else ""
+    return (
+        f"`{report['command']}` on {report['store']}, {report['cores']} cores, {report['date'][:10]} (torch "
+        f"{versions['torch']}, webdataset {versions['webdataset']}, Pillow {versions['pillow']}, s3fs "
+        f"{versions['s3fs']}, Ray {versions['ray']}; 1-min load average {min(loads):g}-{max(loads):g})."
+        f"{note} "
+        f"Ratios are against the `{decodes['webdataset']}` baseline at the same worker count.\n\n"
+        + table(
+            [
+                "loader",
+                "workers",
+                "samples/s",
+                "vs webdataset",
+                "scaling 1->2",
+                "CPU us/sample",
+                "CPU vs webdataset",
+            ],
+            rows,
+        )
+    )
+
+
+RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
+    "summary": render_summary,
+    "trainer-overhead": render_trainer_overhead,
+    "loader": render_loader,
+}
+
+
+def regenerate(text: str, results: dict[str, dict], doc: str) -> tuple[str, list[str]]:
+    """``text`` with every generated block rebuilt, and the names of the blocks whose content changed."""
+    changed: list[str] = []
+
+    def rebuild(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise ValueError(f"{doc}: unknown generated block {name!r} (known: {', '.join(RENDERERS)})")
+        body = RENDERERS[name](results)
+        if body != match["body"]:
+            changed.append(name)
+        return match["open"] + body + match["close"]
+
+    return BLOCK.sub(rebuild, text), changed
+
+
+def run(root: Path, check: bool) -> list[str]:
+    """Rebuild (with ``check``: only compare) the docs under ``root``; ``doc: block`` per difference."""
+    results = load_results(root / "bench" / "results")
+    stale = []
+    for doc in DOCS:
+        path = root / doc
+        text = path.read_text()
+        new_text, changed = regenerate(text, results, doc)
+        stale += [f"{doc}: {name}" for name in changed]
+        if changed and not check:
+            path.write_text(new_text)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare only; exit 1 if any block is stale")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root (docs/ and bench/results/)")
+    args = parser.parse_args(argv)
+    stale = run(args.root, args.check)
+    for entry in stale:
+        print(f"{'stale' if args.check else 'rewrote'}: {entry}")
+    if args.check and stale:
+        print("docs disagree with bench/results/*.json: run `python bench/report.py`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
