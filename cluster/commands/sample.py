@@ -45,7 +45,11 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from trainer.stages.dalle import DalleStageConfig, default_prompts, draw_samples
+    from cluster.stage_inputs import resolve_stage_inputs
+    from data_pipeline.tokenizer import load_tokenizer
+    from trainer.inference import draw_samples, load_frozen_dvae, load_trained, resolve_checkpoint
+    from trainer.stages.dalle import DalleStageConfig, check_compatible, default_prompts
+    from trainer.stages.loop import checkpoint_dir_of
     from trainer.tracking import Tracker, image_grid
 
     overrides = list(args.overrides)
@@ -55,16 +59,27 @@ def main(args: argparse.Namespace) -> int:
             overrides.append(f"dalle.sampling.{field}={value}")
     if args.no_cache:
         overrides.append("dalle.sampling.use_cache=false")
-    config = load_config(DalleStageConfig, args.config, overrides)
+    config = resolve_stage_inputs(load_config(DalleStageConfig, args.config, overrides))
+    checkpoint = resolve_checkpoint(args.checkpoint, checkpoint_dir_of(config))
+    model = load_trained(checkpoint, args.device)
+    dvae = load_frozen_dvae(config.dalle.dvae_checkpoint, args.device)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_compatible(config.model_copy(update={"model": model.config}), dvae, tokenizer)
     prompts = args.prompt or config.dalle.sample_prompts or default_prompts(config)
-    images, codes = draw_samples(config, prompts, args.checkpoint, args.device)
+    images, codes = draw_samples(model, dvae, tokenizer, prompts, config.dalle.sampling)
 
     os.makedirs(args.run_dir, exist_ok=True)
     grid_path = os.path.join(args.run_dir, "samples.png")
     Image.fromarray(image_grid(images, nrow=min(8, len(prompts)))).save(grid_path)
     torch.save({"prompts": prompts, "codes": codes}, os.path.join(args.run_dir, "samples.pt"))
     with Tracker(config.run.experiment, f"{config.run.name}-samples", run_dir=args.run_dir) as tracker:
-        tracker.log_params({"checkpoint": args.checkpoint, "sampling": config.dalle.sampling.model_dump()})
+        tracker.log_params(
+            {
+                "checkpoint": checkpoint,
+                "dvae_checkpoint": config.dalle.dvae_checkpoint,
+                "sampling": config.dalle.sampling.model_dump(),
+            }
+        )
         tracker.log_dict({"prompts": prompts}, "samples/prompts.json")
         tracker.log_image_grid(images, "samples/grid.png", nrow=min(8, len(prompts)))
         run_id = tracker.run_id

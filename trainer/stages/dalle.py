@@ -8,28 +8,25 @@ config -> loader (images + tokenized captions) -> frozen dVAE encodes images to 
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.config import load_config
-from data_pipeline import storage
 from data_pipeline.manifest import load_manifest
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
-from trainer.checkpoint import ENGINE_TAG, resolve_resume
+from trainer.checkpoint import read_module_state  # noqa: F401  (lives in checkpoint; kept for old callers)
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine, init_distributed
+from trainer.inference import load_frozen_dvae
 from trainer.losses.dalle import dalle_loss
 from trainer.models import build
 from trainer.models.dalle import DalleConfig, DalleTransformer, remap_text_padding
 from trainer.models.dvae import DVAE
 from trainer.sampling import SamplingConfig, generate_codes
-from trainer.stages.loop import StageParts, checkpoint_dir_of, fixed_validation_batch, run_training
+from trainer.stages.loop import StageParts, fixed_validation_batch, run_training
 
 
 class DalleSection(BaseModel):
@@ -37,9 +34,13 @@ class DalleSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dvae_config: str = Field(description="the dVAE run's TOML (rebuilds the model the checkpoint fits)")
+    dvae_config: str = Field(
+        description='the dVAE run\'s TOML: the CLI finds its newest checkpoint when dvae_checkpoint is "auto"'
+    )
     dvae_checkpoint: str = Field(
-        "auto", description='a dVAE checkpoint URL, or "auto": the newest one of the dvae_config run'
+        "auto",
+        description='a dVAE checkpoint URL (it carries its model config), or "auto": the newest one of '
+        "the dvae_config run, resolved by the CLI before the stage starts",
     )
     text_weight: float = Field(1 / 8, ge=0)
     image_weight: float = Field(7 / 8, ge=0)
@@ -122,50 +123,6 @@ def default_prompts(config: DalleStageConfig) -> list[str]:
     return list(prompts)
 
 
-def read_module_state(checkpoint: str) -> dict[str, torch.Tensor]:
-    """The model weights of a ``trainer.checkpoint`` checkpoint (local or object storage).
-
-    ZeRO-0/1/2 save the whole module once; ZeRO-3 saves per-rank partitions, which DeepSpeed's
-    ``zero_to_fp32`` reassembles (from a local copy when the checkpoint is on object storage).
-    """
-    engine = storage.join(checkpoint, ENGINE_TAG)
-    whole = storage.join(engine, "mp_rank_00_model_states.pt")
-    if storage.exists(whole):
-        return torch.load(io.BytesIO(storage.read_bytes(whole)), map_location="cpu", weights_only=False)[
-            "module"
-        ]
-    if not storage.exists(storage.join(engine, "zero_pp_rank_0_mp_rank_00_model_states.pt")):
-        raise FileNotFoundError(
-            f"{checkpoint}: no DeepSpeed model states under {ENGINE_TAG}/ (not a checkpoint?)"
-        )
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if storage.is_local(checkpoint):
-        return get_fp32_state_dict_from_zero_checkpoint(checkpoint.removeprefix("file://"), tag=ENGINE_TAG)
-    with tempfile.TemporaryDirectory(prefix="tessera-zero3-") as scratch:
-        fs, path = storage.filesystem(engine)
-        fs.get(path.rstrip("/") + "/", os.path.join(scratch, ENGINE_TAG), recursive=True)
-        return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=ENGINE_TAG)
-
-
-def load_frozen_dvae(section: DalleSection, device: torch.device) -> DVAE:
-    """The dVAE the codes come from, in eval mode and without gradients."""
-    from trainer.stages.dvae import DVAEStageConfig
-
-    dvae_config = load_config(DVAEStageConfig, section.dvae_config)
-    url = section.dvae_checkpoint
-    if url == "auto":
-        url = resolve_resume("auto", checkpoint_dir_of(dvae_config))
-        if url is None:
-            raise FileNotFoundError(
-                f"no dVAE checkpoint under {checkpoint_dir_of(dvae_config)}: train one first "
-                f"(tessera train dvae --config {section.dvae_config}) or set dalle.dvae_checkpoint"
-            )
-    model = build(dvae_config.model, device="cpu")
-    model.load_state_dict(read_module_state(url))
-    return model.eval().requires_grad_(False).to(device)
-
-
 def check_compatible(config: DalleStageConfig, dvae: DVAE, tokenizer: TextTokenizer) -> None:
     """The transformer's vocabularies and grid must be the ones the dVAE and tokenizer produce."""
     model, problems = config.model, []
@@ -243,7 +200,7 @@ def train(config: DalleStageConfig) -> dict[str, Any]:
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
     )
-    dvae = load_frozen_dvae(config.dalle, device or torch.device("cpu"))
+    dvae = load_frozen_dvae(config.dalle.dvae_checkpoint, device or torch.device("cpu"))
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_compatible(config, dvae, tokenizer)
     torch.manual_seed(config.run.seed)
@@ -264,31 +221,3 @@ def train(config: DalleStageConfig) -> dict[str, Any]:
         tokens_per_sample=config.model.seq_len,
     )
     return run_training(config, parts, stage="dalle")
-
-
-def load_trained(config: DalleStageConfig, checkpoint: str = "auto", device: str = "cpu") -> DalleTransformer:
-    """The transformer of a checkpoint (``"auto"``: the newest of the config's run), in eval mode."""
-    url = checkpoint
-    if url == "auto":
-        url = resolve_resume("auto", checkpoint_dir_of(config))
-        if url is None:
-            raise FileNotFoundError(
-                f"no checkpoint under {checkpoint_dir_of(config)}: train first or pass one"
-            )
-    model = build(config.model, device="cpu")
-    model.load_state_dict(read_module_state(url))
-    return model.eval().to(device)
-
-
-def draw_samples(
-    config: DalleStageConfig, prompts: list[str], checkpoint: str = "auto", device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 3, H, W) in [0, 1] and codes (N, image_side**2) for ``prompts``, per ``dalle.sampling``."""
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    dvae = load_frozen_dvae(config.dalle, torch.device(device))
-    check_compatible(config, dvae, tokenizer)
-    model = load_trained(config, checkpoint, device)
-    text = tokenizer.encode_batch(prompts, config.model.text_len).to(device)
-    codes = generate_codes(model, text, config.dalle.sampling)
-    side = config.model.image_side
-    return dvae.decode(codes.view(-1, side, side)).float().cpu(), codes.cpu()
