@@ -20,7 +20,7 @@ import torch
 from data_pipeline.loader import open_loader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.storage import join
-from trainer.checkpoint import Checkpointer, resolve_resume
+from trainer.checkpoint import Checkpointer
 from trainer.config import config_hash
 from trainer.engine import Engine, LossFn, NonFiniteLossError, StepResult
 
@@ -131,9 +131,10 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
         best_mode=run.best_mode,
         config_hash=config_hash(config),
     )
-    resume_url = resolve_resume(run.resume, checkpointer.root)
-    if resume_url:
-        state = checkpointer.load(engine, resume_url)
+    # "auto" falls back past damaged checkpoints (logged); resume_url is the one actually loaded.
+    state = checkpointer.resume(engine, run.resume)
+    resume_url = state["url"] if state else None
+    if state:
         loader.load_state_dict(state["loader_states"])
 
     tracker = None
