@@ -99,7 +99,7 @@ def test_tiny_dalle_trains_and_logs_samples(tmp_path, monkeypatch):
     )
     summary = dalle.train(config)
 
-    frozen = dalle.load_frozen_dvae(config.dalle, torch.device("cpu"))
+    frozen = dalle.load_frozen_dvae(config.dalle.dvae_checkpoint)
     wrong = config.model_copy(
         update={"model": config.model.model_copy(update={"image_side": 4, "text_pad_id": 3})}
     )
