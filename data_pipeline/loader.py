@@ -36,7 +36,7 @@ from data_pipeline.loader_plan import (
     Segment,
     merge_intervals,
     rank_batches,
-    read_runs,
+    read_passes,
     split_among_workers,
 )
 from data_pipeline.manifest import Manifest, ShardEntry, load_manifest
@@ -52,7 +52,7 @@ class LoaderError(RuntimeError):
 
 
 class _RankBatches(IterableDataset):
-    """This rank's remaining batches; each DataLoader worker streams a contiguous share of them."""
+    """This rank's remaining batches, dealt round-robin to the DataLoader workers (plan order out)."""
 
     def __init__(
         self,
@@ -89,21 +89,21 @@ class _RankBatches(IterableDataset):
             yield batch
 
     def _outcomes(self, segments: list[Segment]) -> Iterator[LoadedSample | LoadedReject]:
-        for run in read_runs(segments):
-            url = self.shard_urls[run.shard]
-            entry = self.shards[run.shard]
+        for shard, ranges in read_passes(segments):
+            url = self.shard_urls[shard]
+            entry = self.shards[shard]
             data = None
-            if run.lo == 0 and run.hi == entry.num_samples:  # read whole: verify before use
+            if ranges[0][0] == 0 and ranges[-1][1] == entry.num_samples:  # read whole: verify before use
                 data = read_shard(url)
                 actual = hashlib.sha256(data).hexdigest()
                 if actual != entry.sha256:
                     detail = f"sha256 {actual} ({len(data)} bytes), the manifest says {entry.sha256}"
                     if self.strict:
                         raise LoaderError(f"strict loader: shard {url}: checksum_mismatch ({detail})")
-                    for index in range(run.lo, run.hi):
+                    for index in (i for lo, hi in ranges for i in range(lo, hi)):
                         yield LoadedReject(f"<entry {index}>", url, "checksum_mismatch", detail)
                     continue
-            for _, item in iter_entries(url, run.lo, run.hi, data):
+            for _, item in iter_entries(url, ranges, data):
                 outcome = item if isinstance(item, LoadedReject) else decode_entry(item, url, self.image_size)
                 if self.strict and outcome.unsafe_members:
                     raise LoaderError(

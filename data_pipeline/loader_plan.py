@@ -133,17 +133,25 @@ def rank_batches(
 
 
 def split_among_workers(items: list, num_workers: int, worker_id: int) -> list:
-    """Worker ``worker_id``'s contiguous share, so each worker streams its shards front to back."""
-    bounds = np.linspace(0, len(items), num_workers + 1).round().astype(int)
-    return items[bounds[worker_id] : bounds[worker_id + 1]]
+    """Worker ``worker_id``'s share, dealt round-robin: the DataLoader collects from its workers in
+    turn, so batches reach the caller in plan order whatever the worker count, and a resumed run
+    (a shorter plan, dealt afresh) continues exactly where the uninterrupted one would be."""
+    return items[worker_id::num_workers]
 
 
-def read_runs(segments: list[Segment]) -> list[Segment]:
-    """Join segments that continue each other, so consecutive batches share one open tar stream."""
-    runs: list[Segment] = []
+def read_passes(segments: list[Segment]) -> list[tuple[int, list[Interval]]]:
+    """``(shard, ranges)``: consecutive segments of one shard become one pass over its tar, so a worker
+    opens each shard once and skips, undecoded, the entries dealt to other workers."""
+    passes: list[tuple[int, list[Interval]]] = []
     for seg in segments:
-        if runs and runs[-1].shard == seg.shard and runs[-1].hi == seg.lo:
-            runs[-1] = Segment(seg.shard, runs[-1].lo, seg.hi)
-        elif len(seg):
-            runs.append(seg)
-    return runs
+        if not len(seg):
+            continue
+        if passes and passes[-1][0] == seg.shard and passes[-1][1][-1][1] <= seg.lo:
+            ranges = passes[-1][1]
+            if ranges[-1][1] == seg.lo:
+                ranges[-1] = (ranges[-1][0], seg.hi)
+            else:
+                ranges.append((seg.lo, seg.hi))
+        else:
+            passes.append((seg.shard, [(seg.lo, seg.hi)]))
+    return passes

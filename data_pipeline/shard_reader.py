@@ -57,23 +57,27 @@ class _WindowDone(Exception):
 
 
 class _EntryWindow:
-    """Counts entries as member names go by and selects only those inside ``[lo, hi)``.
+    """Counts entries as member names go by and selects only those inside the wanted ranges.
 
     A member whose path would escape the shard (absolute, ``..``) is never part of an entry, so it can
     neither split the real sample around it nor shift the count; it is noted against the entry it
     follows (the first entry, if it comes first) and counted as an ``unsafe_member`` reject.
     """
 
-    def __init__(self, lo: int, hi: int) -> None:
-        self.lo, self.hi = lo, hi
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+        self.hi = ranges[-1][1]
         self.index = -1
         self.prefix: str | None = None
         self.unsafe: dict[int, list[str]] = {}
 
+    def wanted(self, index: int) -> bool:
+        return any(lo <= index < hi for lo, hi in self.ranges)
+
     def select(self, fname: str) -> bool:
         if is_unsafe(fname):
             owner = max(self.index, 0)
-            if self.lo <= owner < self.hi:
+            if self.wanted(owner):
                 self.unsafe.setdefault(owner, []).append(fname)
             return False
         prefix, _ = base_plus_ext(fname)
@@ -84,7 +88,7 @@ class _EntryWindow:
             self.prefix = prefix
             if self.index >= self.hi:
                 raise _WindowDone
-        return self.index >= self.lo
+        return self.wanted(self.index)
 
 
 @functools.lru_cache(maxsize=16)
@@ -109,15 +113,16 @@ def read_shard(url: str) -> bytes:
 
 
 def iter_entries(
-    url: str, lo: int, hi: int, data: bytes | None = None
+    url: str, ranges: list[tuple[int, int]], data: bytes | None = None
 ) -> Iterator[tuple[int, dict[str, Any] | LoadedReject]]:
-    """``(index, members)`` for every entry index in ``[lo, hi)``; ``members`` maps extension -> bytes,
-    plus ``__unsafe__`` (hostile member names dropped beside the entry) when there were any.
+    """``(index, members)`` for every entry index in the sorted, disjoint ``ranges``, in one pass over
+    the shard (entries between ranges are skipped undecoded); ``members`` maps extension -> bytes, plus
+    ``__unsafe__`` (hostile member names dropped beside the entry) when there were any.
 
     ``data``: the shard's bytes when already read whole (and verified); else the shard is streamed.
     Indices the tar does not deliver (truncated or cut short) come back as ``LoadedReject('truncated_tar')``.
     """
-    window = _EntryWindow(lo, hi)
+    window = _EntryWindow(ranges)
     failure: list[str] = []
 
     def handler(exn: Exception) -> bool:
@@ -146,9 +151,9 @@ def iter_entries(
         yield current_index, _with_unsafe(current, window, current_index)
         next_index = current_index + 1
     else:
-        next_index = current_index if current is not None else lo
+        next_index = current_index if current is not None else 0
     detail = failure[0] if failure else "the shard has fewer entries than the manifest says"
-    for index in range(max(lo, next_index), hi):
+    for index in (i for lo, hi in ranges for i in range(max(lo, next_index), hi)):
         key = current["__key__"] if current is not None and index == current_index else f"<entry {index}>"
         unsafe = tuple(window.unsafe.get(index, ()))
         yield index, LoadedReject(key, url, "truncated_tar", detail, unsafe)

@@ -11,7 +11,12 @@ import hashlib
 import io
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import tarfile
+from collections import Counter
 from itertools import zip_longest
 from pathlib import Path
 
@@ -23,11 +28,21 @@ from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.ledger import SampleLedger, manifest_keys, sample_id
-from data_pipeline.loader import LoaderError, merge_states, open_loader
+from data_pipeline.loader import LoaderError, derived_seed, merge_states, open_loader
 from data_pipeline.loader_plan import merge_intervals, rank_batches, subtract_intervals
-from data_pipeline.manifest import Manifest, ShardEntry, SourceLineage, load_manifest, save_manifest
+from data_pipeline.manifest import (
+    Manifest,
+    ManifestError,
+    ShardEntry,
+    SourceLineage,
+    load_manifest,
+    save_manifest,
+)
 from data_pipeline.shards import ShardWriter
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
+from tests.test_sources import png_header_only
+
+REPO = Path(__file__).resolve().parents[1]
 
 IMAGE_SIZE = 32
 UNEVEN = (7, 13, 5, 20, 1, 11)  # 57 samples: no world size or batch size divides the shards evenly
@@ -345,7 +360,7 @@ def test_bad_input_is_skipped_and_counted(damaged):
         ("shard-00003-0000.tar", "fine-3"),
     }
     assert set(delivered) == intact | set(kept)
-    rejects = loaders[0].rejects + loaders[1].rejects
+    rejects = Counter(loaders[0].reject_counts()) + Counter(loaders[1].reject_counts())
     assert rejects == {
         "undecodable_image": 1,
         "missing_caption": 1,
@@ -420,3 +435,129 @@ def test_epoch_from_ceph_two_ranks_exactly_once(s3_ceph, dataset, all_keys):
     counts = [a + b for a, b in zip_longest(counts, run_epoch(resumed, ledger), fillvalue=0)]
     ledger.check_exactly_once(all_keys, epoch=0)
     assert ledger.delivered(0).keys() == manifest_keys(remote)
+
+
+@pytest.mark.parametrize(
+    "name", ["../../../../etc/passwd", "/etc/passwd", "s3://elsewhere/x.tar", "a/../../b"]
+)
+def test_manifest_shard_names_must_stay_inside_the_dataset(dataset, tmp_path, name):
+    data = json.loads(dataset.to_bytes())
+    data["shards"][2]["name"] = name
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=rf"field 'shards\.2\.name'.*shard name '{re.escape(name)}'"):
+        load_manifest(str(tmp_path))
+
+
+def copy_dataset(manifest: Manifest, dest: Path) -> Manifest:
+    dest.mkdir()
+    for entry in manifest.shards:
+        (dest / entry.name).write_bytes(Path(manifest.shard_url(entry)).read_bytes())
+    save_manifest(manifest.model_copy(), str(dest))
+    return load_manifest(str(dest))
+
+
+def test_a_missing_shard_is_found_before_the_first_batch(dataset, tmp_path):
+    copy = copy_dataset(dataset, tmp_path / "copy")
+    os.remove(copy.shard_url(copy.shards[3]))
+    Path(copy.shard_url(copy.shards[1])).write_bytes(b"cut")
+    with pytest.raises(
+        LoaderError,
+        match=r"2 shard\(s\) missing or of the wrong size.*"
+        r"shard-00001-0000.tar: 3 bytes.*shard-00003-0000.tar: missing",
+    ):
+        open_loader(copy, rank=0, world_size=1, batch_size=4, seed=0, num_workers=0)
+
+
+def test_a_shard_read_whole_is_checked_against_its_sha256(dataset, tmp_path):
+    copy = copy_dataset(dataset, tmp_path / "copy")
+    damaged = Path(copy.shard_url(copy.shards[1]))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside image data: same size, still a valid tar
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(LoaderError, match=r"strict loader: shard .*shard-00001-0000.tar: checksum_mismatch"):
+        list(open_loader(copy, rank=0, world_size=1, batch_size=4, seed=0, num_workers=0, strict=True))
+    loader = open_loader(copy, rank=0, world_size=1, batch_size=4, seed=0, num_workers=1)
+    ledger = SampleLedger()
+    run_epoch([loader], ledger)
+    assert loader.reject_counts() == {"checksum_mismatch": UNEVEN[1]}
+    assert sum(ledger.delivered(0).values()) == sum(UNEVEN) - UNEVEN[1]
+
+
+def test_an_image_too_large_is_rejected_from_its_header(tmp_path):
+    dest = tmp_path / "huge"
+    dest.mkdir()
+    huge = hostile_shard(
+        dest, "shard-00001-0000.tar", [("huge", {"jpg": png_header_only(10000, 10000), "txt": b"big"})]
+    )
+    manifest = write_dataset(str(dest), (2,), [huge])
+    loader = open_loader(manifest, rank=0, world_size=1, batch_size=4, seed=0, num_workers=0)
+    list(loader)
+    assert loader.reject_counts() == {"wrong_image_size": 1}  # not undecodable_image: never decoded
+
+
+LOADER_CHILD = """
+import os, sys
+from data_pipeline.loader import open_loader
+loader = open_loader(sys.argv[1], rank=0, world_size=1, batch_size=1, seed=0, num_workers=2)
+stream = iter(loader)  # kept referenced: the workers live as long as the iterator
+next(stream)
+print(os.getpid(), flush=True)
+sys.stdin.read()  # hold the workers until killed
+"""
+
+
+def test_workers_die_when_the_training_process_is_killed(dataset):
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOADER_CHILD, dataset.location],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        pid = int(proc.stdout.readline())
+        workers = psutil.Process(pid).children()
+        assert len(workers) == 2
+        os.kill(pid, signal.SIGKILL)  # as the OOM killer or a preempted node would
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"DataLoader workers outlived their parent: {[p.pid for p in alive]}"
+    finally:
+        proc.kill()
+
+
+def training_trace(loader, steps: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What a training loop would see: each batch's images and the next draw of its own torch RNG."""
+    trace = []
+    for batch in loader:
+        trace.append((batch["image"], torch.rand(3)))
+        if steps is not None and len(trace) == steps:
+            break
+    return trace
+
+
+def test_resume_with_workers_is_bit_identical(dataset):
+    options = dict(rank=0, world_size=1, batch_size=4, seed=3, num_workers=2)
+    torch.manual_seed(11)
+    uninterrupted = training_trace(open_loader(dataset, **options))
+
+    torch.manual_seed(11)
+    first = open_loader(dataset, **options)
+    head = training_trace(first, steps=5)
+    saved_loader, saved_rng = json.loads(json.dumps(first.state_dict())), torch.get_rng_state()
+    resumed = open_loader(dataset, **options)
+    resumed.load_state_dict(saved_loader)
+    torch.set_rng_state(saved_rng)
+    trace = head + training_trace(resumed)
+
+    assert len(trace) == len(uninterrupted)
+    for (images, draw), (images_ref, draw_ref) in zip(trace, uninterrupted, strict=True):
+        assert torch.equal(images, images_ref) and torch.equal(draw, draw_ref)
+    assert derived_seed(3, 0, 0, 1) not in {
+        derived_seed(3, 0, 0, 0),
+        derived_seed(3, 1, 0, 1),
+        derived_seed(3, 0, 1, 1),
+    }
