@@ -32,6 +32,12 @@ class IngestConfig(BaseModel):
     )
     min_image_size: int = Field(default=16, ge=1, description="shorter source side below this -> too_small")
     jpeg_quality: int = Field(default=95, ge=50, le=100)
+    max_file_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="a source file (or tar member) above this is rejected unread"
+    )
+    max_image_pixels: int = Field(
+        default=2**26, ge=256, description="width x height above this is rejected from the image header"
+    )
     progress: bool = True
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import struct
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +35,7 @@ from data_pipeline.sources.synthetic import (
     generate_scene,
     phrase,
 )
+from data_pipeline.validate import decode
 
 
 def jpeg_bytes(seed: int, size: int = 24) -> bytes:
@@ -259,3 +263,48 @@ def test_every_external_format_reads_from_s3(s3_moto, tmp_path):
     assert shards.kind == "wds" and [r.caption for _, r in records(shards)] == ["from a shard"]
     rows = open_source(storage.join(url, "rows.parquet"))
     assert rows.kind == "parquet" and [r.image for _, r in records(rows)] == [jpeg_bytes(8)]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` and whose pixel data is missing: PIL sizes it from
+    the header, and any attempt to decode it fails, so the reject reason tells which happened first."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_hostile_folder_pipes_links_big_files_and_huge_headers_are_rejected_unread(tmp_path):
+    root = tmp_path / "hostile"
+    make_folder(root, {"good": 1})
+    outside = tmp_path / "outside"
+    make_folder(outside, {"secret": 2})
+    os.mkfifo(root / "pipe.jpg")  # reading it would block forever waiting for a writer
+    (root / "pipe.txt").write_text("a pipe")
+    (root / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
+    (root / "zero.txt").write_text("endless")
+    (root / "escape.jpg").symlink_to(outside / "secret.jpg")
+    (root / "escape.txt").write_text("a link out of the folder")
+    (root / "linked_dir").symlink_to(outside, target_is_directory=True)  # never walked into
+    (root / "inside.jpg").symlink_to(root / "good.jpg")  # a link that stays inside is fine
+    (root / "inside.txt").write_text("linked inside")
+    (root / "big.jpg").write_bytes(jpeg_bytes(3) + bytes(5000))
+    (root / "big.txt").write_text("over the cap")
+    source = open_source(str(root), max_file_bytes=4096)
+    assert not any("secret" in url for url in source.files)
+    outcomes = {
+        rec.metadata["source_file"].rsplit("/", 1)[-1] if isinstance(rec, Sample) else rec.reason
+        for _, rec in records(source)
+    }
+    assert outcomes == {
+        "good.jpg",
+        "inside.jpg",
+        "not_a_regular_file",
+        "outside_source",
+        "file_too_large",
+    }
+    # A 10000x10000 PNG is refused from its header: the data is never decoded (it has none to decode).
+    assert decode(png_header_only(10000, 10000), max_pixels=2**26).reason == "image_too_large"
+    assert decode(png_header_only(64, 64), max_pixels=2**26).reason == "undecodable"

@@ -20,12 +20,15 @@ __all__ = [
 ]
 
 
-def open_source(spec: str, *, image_size: int = 64, seed: int = 0, split: str = "train") -> Source:
-    """``"synthetic"``, ``"digits"``, or a folder / ``*.tar`` shards / ``*.parquet`` path or URL."""
+def open_source(
+    spec: str, *, image_size: int = 64, seed: int = 0, split: str = "train", max_file_bytes: int = 64 * 2**20
+) -> Source:
+    """``"synthetic"``, ``"digits"``, or a folder / ``*.tar`` shards / ``*.parquet`` path or URL
+    (files over ``max_file_bytes`` are rejected unread)."""
     if spec == "synthetic":
         return SyntheticSource(image_size=image_size, seed=seed, split=split)
     if split != "train":
         raise ValueError(f"split={split!r} exists only for the synthetic source, not {spec!r}")
     if spec == "digits":
         return DigitsSource(image_size=image_size, seed=seed)
-    return ExternalSource.open(spec)
+    return ExternalSource.open(spec, max_file_bytes)

@@ -3,17 +3,22 @@
 Images are handed to ingestion still encoded, so a file that does not decode is a counted reject.
 Anything a hostile or damaged file can do (names escaping the directory, links, a shard cut short)
 becomes a :class:`Rejected` record rather than an exception, so one bad file loses only itself.
+Local folders are walked without following directory links, and a file is read only if it is a
+regular file whose real path lies inside the source folder and whose size is under the cap: a named
+pipe cannot hang the ingest, a link to ``/dev/zero`` or ``/etc`` is never read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from data_pipeline import storage
 from data_pipeline.sources.base import Partition, Rejected, Sample, split_evenly
@@ -34,11 +39,53 @@ def _list(spec: str) -> list[str]:
     fs, path = storage.filesystem(spec)
     if any(char in spec for char in "*?["):
         return sorted(_url(spec, p) for p in fs.glob(path))
+    if storage.is_local(spec) and os.path.isdir(path):  # os.walk never descends into a linked folder
+        return sorted(os.path.join(top, name) for top, _, names in os.walk(path) for name in names)
     if fs.isdir(path):
         return sorted(_url(spec, p) for p in fs.find(path))
     if fs.exists(path):
         return [spec]
     raise FileNotFoundError(f"source {spec!r}: no such file, folder or pattern")
+
+
+def source_root(spec: str) -> str:
+    """The folder a local source's files must really live in (links resolved)."""
+    path = spec.removeprefix("file://")
+    glob_at = min((path.index(c) for c in "*?[" if c in path), default=None)
+    if glob_at is not None:
+        path = path[:glob_at].rsplit("/", 1)[0] or "/"
+    elif not os.path.isdir(path):
+        path = os.path.dirname(path) or "."
+    return os.path.realpath(path)
+
+
+def _open_checked(url: str, root: str) -> IO[bytes] | Rejected:
+    """A read handle on a regular file inside ``root`` (object storage: just the stream), or why not."""
+    if not storage.is_local(url):
+        return storage.open_resilient(url)
+    real = os.path.realpath(url.removeprefix("file://"))
+    if os.path.commonpath([real, root]) != root:
+        return Rejected("outside_source", f"{url}: resolves to {real}, outside the source folder {root}")
+    try:  # non-blocking: opening a named pipe must not wait for a writer; no link swapped in since
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        return Rejected("unreadable_file", f"{url}: {exc.strerror}")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return Rejected("not_a_regular_file", f"{url}: a pipe, device or socket")
+    return os.fdopen(fd, "rb")
+
+
+def _read_capped(url: str, root: str, max_bytes: int) -> bytes | Rejected:
+    """The file's bytes, never more than ``max_bytes`` read (a bigger file is rejected)."""
+    handle = _open_checked(url, root)
+    if isinstance(handle, Rejected):
+        return handle
+    with handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return Rejected("file_too_large", f"{url}: more than the {max_bytes}-byte cap (max_file_bytes)")
+    return data
 
 
 def _extension(url: str) -> str:
@@ -69,9 +116,11 @@ class ExternalSource:
     # Folder sources: the .txt/.json files listed beside the images, so no task has to ask the
     # store whether a caption exists (one request per sample on S3).
     sidecars: frozenset[str] = frozenset()
+    root: str = ""  # local sources: the real folder every file read must lie in
+    max_file_bytes: int = 64 * 2**20
 
     @classmethod
-    def open(cls, spec: str) -> ExternalSource:
+    def open(cls, spec: str, max_file_bytes: int = 64 * 2**20) -> ExternalSource:
         listing = _list(spec)
         kind = detect_kind(listing, spec)
         wanted = {"wds": ("tar",), "parquet": ("parquet",), "folder": IMAGE_EXTENSIONS}[kind]
@@ -81,7 +130,8 @@ class ExternalSource:
             if kind == "folder"
             else frozenset()
         )
-        return cls(spec=spec, kind=kind, files=chosen, sidecars=sidecars)
+        root = source_root(spec) if storage.is_local(spec) else ""
+        return cls(spec, kind, chosen, sidecars, root, max_file_bytes)
 
     def partitions(self, num_partitions: int, num_samples: int | None) -> list[Partition]:
         if self.kind == "folder":
@@ -100,14 +150,14 @@ class ExternalSource:
     def read(self, partition: Partition) -> Iterator[tuple[int, Sample | Rejected]]:
         if self.kind == "folder":
             for index, *urls in partition.items:
-                yield index, _read_folder_item(*urls)
+                yield index, self._read_folder_item(*urls)
         elif self.kind == "parquet":
             for unit in partition.items:
                 yield from _read_row_group(*unit)
         else:
             ordinal = 0
             for url in partition.items:
-                for record in _read_tar(url):
+                for record in self._read_tar(url):
                     yield ordinal, record
                     ordinal += 1
 
@@ -116,6 +166,37 @@ class ExternalSource:
 
     def lineage(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, "split": "train", "num_files": len(self.files)}
+
+    def _read_folder_item(
+        self, image_url: str, caption_url: str | None, metadata_url: str | None
+    ) -> Sample | Rejected:
+        if caption_url is None:
+            return Rejected("missing_caption", f"{image_url}: no caption .txt beside it")
+        image, caption, extra = (
+            _read_capped(url, self.root, self.max_file_bytes) if url else b"{}"
+            for url in (image_url, caption_url, metadata_url)
+        )
+        problem = next((part for part in (image, caption, extra) if isinstance(part, Rejected)), None)
+        if problem is not None:
+            return problem
+        metadata: dict[str, Any] = {"source_file": image_url}
+        try:
+            metadata.update(json.loads(extra))
+        except (ValueError, TypeError) as exc:
+            return Rejected("bad_metadata", f"{metadata_url}: {exc}")
+        try:
+            text = caption.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejected("bad_caption", f"{caption_url}: not UTF-8 ({exc})")
+        return Sample(image=image, caption=text, metadata=metadata)
+
+    def _read_tar(self, url: str) -> Iterator[Sample | Rejected]:
+        """Samples of one shard, grouping consecutive members by key as webdataset does."""
+        handle = _open_checked(url, self.root)
+        if isinstance(handle, Rejected):
+            yield handle
+            return
+        yield from _read_tar(url, handle, self.max_file_bytes)
 
     def _folder_unit(self, index: int, image_url: str) -> tuple[int, str, str | None, str | None]:
         stem = posixpath.splitext(image_url)[0]
@@ -128,28 +209,14 @@ class ExternalSource:
         )
 
 
-def _read_folder_item(image_url: str, caption_url: str | None, metadata_url: str | None) -> Sample | Rejected:
-    if caption_url is None:
-        return Rejected("missing_caption", f"{image_url}: no caption .txt beside it")
-    metadata: dict[str, Any] = {"source_file": image_url}
-    if metadata_url is not None:
-        try:
-            metadata.update(json.loads(storage.read_bytes(metadata_url)))
-        except (ValueError, TypeError) as exc:
-            return Rejected("bad_metadata", f"{metadata_url}: {exc}")
-    try:
-        caption = storage.read_bytes(caption_url).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Rejected("bad_caption", f"{caption_url}: not UTF-8 ({exc})")
-    return Sample(image=storage.read_bytes(image_url), caption=caption, metadata=metadata)
-
-
-def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
+def _unsafe_reason(member: tarfile.TarInfo, max_bytes: int) -> str | None:
     if not (member.isfile() or member.isdir()):
         return "is a link or device, not a regular file"
     parts = member.name.split("/")
     if member.name.startswith("/") or ".." in parts:
         return "escapes the shard's directory"
+    if member.size > max_bytes:
+        return f"holds {member.size} bytes, over the max_file_bytes cap"
     return None
 
 
@@ -196,15 +263,14 @@ class _TailReader:
         return self.tail == self.END_OF_ARCHIVE
 
 
-def _read_tar(url: str) -> Iterator[Sample | Rejected]:
-    """Samples of one shard, grouping consecutive members by key as webdataset does."""
+def _read_tar(url: str, handle: IO[bytes], max_bytes: int) -> Iterator[Sample | Rejected]:
     key, members = None, {}
     try:
-        with storage.open_url(url, "rb") as handle:
+        with handle:
             reader = _TailReader(handle)
             with tarfile.open(fileobj=reader, mode="r|*") as archive:
                 for member in archive:
-                    reason = _unsafe_reason(member)
+                    reason = _unsafe_reason(member, max_bytes)
                     if reason is not None:
                         yield Rejected("unsafe_member", f"{url}: member {member.name!r} {reason}")
                         continue
