@@ -4,7 +4,10 @@ Each Ray task reads one source partition, validates and normalises every record,
 duplicates (one small actor remembers which partition claimed each pixel hash first), writes
 size-targeted shards and finally a marker ``_partitions/part-<p>.json``. The manifest is written
 last, from the markers, so a dataset either has a complete manifest or none. A rerun with the same
-settings skips partitions whose marker exists and redoes the rest under the same shard names.
+settings first removes what a crash left behind (half-published ``*.tmp-*`` files, orphaned local
+temp shards), then checks every finished partition's shards (present, same size, same sha256) and
+skips only the partitions that pass; the rest are redone under the same shard names. The dedup
+registry starts with the hashes of the partitions kept, so a redone partition cannot re-admit them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ from data_pipeline import storage
 from data_pipeline.dedup import HashRegistry
 from data_pipeline.manifest import Manifest, ShardEntry, SourceLineage, save_manifest
 from data_pipeline.prep_config import IngestConfig
-from data_pipeline.shards import ShardWriter, remove_partition_shards
+from data_pipeline.shards import (
+    ShardWriter,
+    remove_orphan_temp_shards,
+    remove_partition_shards,
+    remove_stale_publishes,
+)
 from data_pipeline.sources import Partition, Rejected, Sample, Source, open_source
 from data_pipeline.validate import clean_caption, decode, encode_jpeg, fit_square, pixel_hash
+from data_pipeline.verify import shard_problems
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,7 @@ class PartitionIngest:
         return f"{self.source.kind}-{self.partition.index:05d}-{index:07d}"
 
     def run(self) -> dict[str, Any]:
+        remove_orphan_temp_shards()  # this node's leftovers from a killed task
         remove_partition_shards(self.config.dest, self.partition.index)
         pending: list[Prepared] = []
         try:
@@ -124,7 +134,7 @@ class PartitionIngest:
         if isinstance(record, Rejected):
             self.reject(key, record.reason, record.detail)
             return None
-        decoded = decode(record.image)
+        decoded = decode(record.image, self.config.max_image_pixels)
         image = decoded
         if not isinstance(decoded, Rejected):
             image = fit_square(decoded, self.config.image_size, self.config.min_image_size)
@@ -173,6 +183,18 @@ def _finished_markers(dest: str, fp: str) -> dict[int, dict[str, Any]]:
             )
         markers[marker["partition"]] = marker
     return markers
+
+
+def _keep_verified(dest: str, done: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The finished partitions whose shards are all present and intact; the others lose their marker."""
+    entries = [(p, ShardEntry.model_validate(e)) for p, marker in done.items() for e in marker["shards"]]
+    problems = shard_problems([e for _, e in entries], [storage.join(dest, e.name) for _, e in entries])
+    damaged = sorted({p for p, entry in entries if entry.name in problems})
+    for p in damaged:
+        names = [e.name for q, e in entries if q == p and e.name in problems]
+        log.warning("partition %d is rebuilt: %s", p, "; ".join(f"{n}: {problems[n]}" for n in names))
+        storage.remove(marker_url(dest, p))
+    return {p: marker for p, marker in done.items() if p not in damaged}
 
 
 def _run_partitions(
@@ -231,12 +253,19 @@ def ingest_config(config: IngestConfig, source: Source | None = None) -> Manifes
         config = config.model_copy(update={"dest": os.path.abspath(config.dest)})
     started = time.perf_counter()
     source = source or open_source(
-        config.source, image_size=config.image_size, seed=config.seed, split=config.split
+        config.source,
+        image_size=config.image_size,
+        seed=config.seed,
+        split=config.split,
+        max_file_bytes=config.max_file_bytes,
     )
     lineage = source.lineage()
     fp = fingerprint(config, lineage)
     parts = source.partitions(config.partitions, config.num_samples)
-    done = _finished_markers(config.dest, fp)
+    remove_stale_publishes(config.dest)
+    remove_orphan_temp_shards()
+    finished = _finished_markers(config.dest, fp)
+    done = _keep_verified(config.dest, finished)
     results = _run_partitions(source, parts, config, fp, done)
 
     markers = [results[p.index] for p in parts]
@@ -267,6 +296,7 @@ def ingest_config(config: IngestConfig, source: Source | None = None) -> Manifes
             "samples_per_s": round(processed / seconds, 1) if seconds > 0 else None,
             "partitions": len(parts),
             "partitions_resumed": len(done),
+            "partitions_rebuilt": len(finished) - len(done),
         },
     )
     save_manifest(manifest, config.dest)

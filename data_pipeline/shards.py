@@ -7,6 +7,8 @@ header fields (mtime, owner, mode) make a shard's bytes, and so its sha256, a fu
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import os
 import tempfile
@@ -18,6 +20,7 @@ from data_pipeline.manifest import ShardEntry
 
 TAR_BLOCK = 512
 FIXED_MTIME = 0  # reproducible shards: the same samples give the same bytes on every run
+TEMP_PREFIX = "tessera-shard-"  # local shards being built: tessera-shard-<pid>-<random>.tar
 
 
 def shard_name(partition: int, sequence: int) -> str:
@@ -79,7 +82,7 @@ class ShardWriter:
             self._writer = None
 
     def _start(self) -> None:
-        handle, self._path = tempfile.mkstemp(suffix=".tar", prefix="tessera-shard-")
+        handle, self._path = tempfile.mkstemp(suffix=".tar", prefix=f"{TEMP_PREFIX}{os.getpid()}-")
         self._file = os.fdopen(handle, "wb")
         self._writer = webdataset.TarWriter(self._file, user="tessera", group="tessera", mtime=FIXED_MTIME)
         self._count = 0
@@ -116,3 +119,39 @@ def remove_partition_shards(dest: str, partition: int) -> None:
     for url in storage.list_files(dest, suffix=".tar"):
         if url.rsplit("/", 1)[-1].startswith(prefix):
             storage.remove(url)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_orphan_temp_shards() -> list[str]:
+    """Local shards under construction whose process is gone (a crashed or killed ingest task)."""
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{TEMP_PREFIX}*.tar")):
+        pid = os.path.basename(path).removeprefix(TEMP_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def remove_stale_publishes(dest: str) -> list[str]:
+    """``<name>.tmp-<random>`` files a crash left in a local dataset folder mid-publish (object stores
+    have none: an upload is invisible until complete). Call only while no ingest writes to ``dest``."""
+    if not storage.is_local(dest):
+        return []
+    removed = []
+    for top, _, names in os.walk(dest.removeprefix("file://")):
+        for name in names:
+            if storage.TMP_MARK in name:
+                os.remove(os.path.join(top, name))
+                removed.append(os.path.join(top, name))
+    return removed
