@@ -78,9 +78,8 @@ class ModelCensus:
     total_params: int
     expert_params: int  # all experts of all MoE layers
     largest_layer_params: int  # most parameters owned directly by one module (DeepSpeed's definition)
-    flops_per_token: (
-        float  # training FLOPs per position (the model's own count: computed tiles, top_k experts)
-    )
+    flops_per_token: float  # training FLOPs per position, the model's count (computed tiles, top_k experts)
+    attention_flops_per_token: float  # the attention part: scores in the tiles the kernel computes
     moe_layers: int
     depth: int
     width: int
@@ -137,7 +136,10 @@ class Plan:
             ),
             ("largest micro-batch", str(self.max_micro_batch)),
             ("tokens per step", f"{self.tokens_per_step:,}"),
-            ("model TFLOPs per token", f"{c.flops_per_token / 1e12:.4f}"),
+            (
+                "model GFLOPs per token",
+                f"{c.flops_per_token / 1e9:.2f} (attention {c.attention_flops_per_token / 1e9:.2f})",
+            ),
             ("step time", f"{self.step_time_s:.2f} s at MFU {i.mfu:.0%} of {i.peak_tflops:g} TFLOPs"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -174,6 +176,7 @@ def _census(config_json: str) -> ModelCensus:
         expert_params=expert,
         largest_layer_params=largest,
         flops_per_token=model.flops_per_token(),
+        attention_flops_per_token=model.attention_flops_per_token(),
         moe_layers=sum(moe.is_moe_layer(i) for i in range(config.depth)),
         depth=config.depth,
         width=config.width,

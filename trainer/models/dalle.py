@@ -238,32 +238,37 @@ class DalleTransformer(nn.Module):
         return [block.attention_kind for block in self.blocks]
 
     def flops_per_token(self, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> float:
-        """Training FLOPs (forward + backward) per sequence position, averaged over the sequence.
+        """Training FLOPs (forward + backward) per sequence position, averaged over the sequence:
+        :meth:`weight_flops_per_token` plus :meth:`attention_flops_per_token`."""
+        return self.weight_flops_per_token() + self.attention_flops_per_token(block_m, block_n)
 
-        6 per weight the token is multiplied through (the text or the image head by position; in expert
-        layers top_k experts, wherever they live: a rank holding ``num_experts / ep_size`` of them computes
-        its share of the tokens, so per-token FLOPs do not shrink with ``ep_size``) plus, per layer,
-        ``12 * width`` per attention score the fused kernel computes: every non-empty
-        ``block_m x block_n`` tile of the mask as the layer passes it (column layers reordered), in full.
-        Capacity padding and the dispatch of MoE tokens are not counted.
-        """
+    def weight_flops_per_token(self) -> float:
+        """6 per weight a position is multiplied through: the text or the image head by position, and in
+        expert layers top_k experts wherever they live (a rank holding ``num_experts / ep_size`` of them
+        computes its share of the tokens, so per-token FLOPs do not shrink with ``ep_size``). MoE capacity
+        padding and token dispatch are not counted."""
         cfg = self.config
-        seq = cfg.seq_len
-        share = {"text_head": (cfg.text_len - 1) / seq, "image_head": cfg.image_len / seq}
+        share = {"text_head": (cfg.text_len - 1) / cfg.seq_len, "image_head": cfg.image_len / cfg.seq_len}
         expert_share = cfg.moe.top_k / (cfg.moe.num_experts // cfg.moe.ep_size)  # per local expert
-        matmul = 0.0
+        weights = 0.0
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                weights = getattr(module.weight, "ds_numel", module.weight.numel())  # ZeRO-3 size
-                fraction = expert_share if ".deepspeed_experts." in name else share.get(name, 1.0)
-                matmul += fraction * weights
+                count = getattr(module.weight, "ds_numel", module.weight.numel())  # ZeRO-3 size
+                weights += count * (expert_share if ".deepspeed_experts." in name else share.get(name, 1.0))
+        return 6 * weights
+
+    def attention_flops_per_token(self, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> float:
+        """``12 * width`` per attention score the fused kernel computes (QK^T and PV forward, three times
+        that with the backward): every non-empty ``block_m x block_n`` tile of each layer's mask in the
+        order the layer attends in (column layers column-major), in full."""
+        cfg = self.config
         scores = sum(
             block_layout(
-                self.mask(kind, "cpu", 0, seq).mask, block_m=block_m, block_n=block_n
+                self.mask(kind, "cpu", 0, cfg.seq_len).mask, block_m=block_m, block_n=block_n
             ).computed_pairs()
             for kind in self.layer_attention()
         )
-        return 6 * matmul + 12 * cfg.width * scores / seq
+        return 12 * cfg.width * scores / cfg.seq_len
 
     def flops_per_sample(self) -> float:
         """What ``trainer.engine`` divides by step time for MFU."""
