@@ -278,3 +278,65 @@ def test_cli_ingest_reads_the_config_flags_and_overrides(ray_local, tmp_path):
     manifest, samples = check_manifest_against_shards(str(tmp_path / "cli"), 32)
     assert manifest.config["image_size"] == 32 and manifest.source.split == "heldout"
     assert all(contains_heldout(json.loads(m["json"])) for m in samples.values())
+
+
+def verify_exit_code(manifest_url: str, run_dir: Path) -> tuple[int, dict]:
+    from cluster.commands import verify as command
+
+    parser = argparse.ArgumentParser(prog="tessera")
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["verify", "--manifest", manifest_url, "--run-dir", str(run_dir)])
+    code = command.main(args)
+    return code, json.loads((run_dir / "verify-report.json").read_text())
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_rerun_verifies_shards_rebuilds_damaged_partitions_and_removes_crash_leftovers(ray_local, tmp_path):
+    dest = tmp_path / "ds"
+    options = dict(num_samples=90, image_size=32, partitions=3, shard_max_samples=15, progress=False)
+    original = ingest("synthetic", str(dest), **options)
+    by_partition = {entry.partition: entry.name for entry in original.shards}
+    (dest / by_partition[0]).unlink()
+    flipped = bytearray((dest / by_partition[1]).read_bytes())
+    flipped[len(flipped) // 3] ^= 0x10  # same size: only the sha256 can tell
+    (dest / by_partition[1]).write_bytes(bytes(flipped))
+    half_published = dest / f"{by_partition[2]}.tmp-0badc0de"
+    half_published.write_bytes(b"a crash mid-publish")
+    orphan = Path(tempfile.gettempdir()) / f"tessera-shard-{dead_pid()}-crashed.tar"
+    orphan.write_bytes(b"a killed task's shard")
+
+    code, report = verify_exit_code(str(dest), tmp_path / "v1")
+    assert code == 1 and report["ok"] == len(original.shards) - 2
+    assert report["problems"][by_partition[0]] == "missing"
+    assert report["problems"][by_partition[1]].startswith("sha256 ")
+
+    rerun = ingest("synthetic", str(dest), **options)
+    assert rerun.stats["partitions_rebuilt"] == 2 and rerun.stats["partitions_resumed"] == 1
+    assert shard_table(rerun) == shard_table(original)
+    assert not half_published.exists() and not orphan.exists()
+    check_manifest_against_shards(str(dest), 32)
+    code, report = verify_exit_code(str(dest), tmp_path / "v2")
+    assert code == 0 and report["problems"] == {} and report["ok"] == len(original.shards)
+
+
+def test_a_resumed_partition_cannot_readmit_a_duplicate_kept_elsewhere(ray_local, tmp_path):
+    folder = tmp_path / "dups"
+    make_folder(folder, {f"a{i}": i for i in range(6)})
+    make_folder(folder, {"z0": 0})  # a copy of a0: a0 sorts into partition 0, z0 into partition 1
+    dest = str(tmp_path / "ds")
+    first = ingest(str(folder), dest, image_size=32, partitions=2, progress=False)
+    assert first.duplicates_dropped == 1 and first.num_samples == 6
+    markers = {p: json.loads(storage.read_bytes(marker_url(dest, p))) for p in (0, 1)}
+    # Either partition may have claimed the pixels first; the other one dropped its copy.
+    loser = next(p for p, marker in markers.items() if marker["rejects"] == {"duplicate": 1})
+    storage.remove(marker_url(dest, loser))  # as if the ingest died before the loser finished
+    resumed = ingest(str(folder), dest, image_size=32, partitions=2, progress=False)
+    assert resumed.stats["partitions_resumed"] == 1
+    assert resumed.duplicates_dropped == 1 and resumed.num_samples == 6
+    _, samples = check_manifest_against_shards(dest, 32)
+    assert len({json.loads(m["json"])["pixel_sha256"] for m in samples.values()}) == 6
