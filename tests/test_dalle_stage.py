@@ -19,9 +19,10 @@ from cluster.commands import sample
 from cluster.config import load_config
 from data_pipeline.manifest import Manifest, SourceLineage, save_manifest
 from data_pipeline.shards import ShardWriter
-from data_pipeline.sources.synthetic import HELDOUT_COMBINATIONS, generate_scene
+from data_pipeline.sources.synthetic import SyntheticSource, generate_scene
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from data_pipeline.validate import encode_jpeg
+from trainer.checkpoint import read_module_state
 from trainer.tracking import default_tracking_uri, list_artifacts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,26 +48,26 @@ def write_synthetic(dest: Path) -> str:
         num_samples=SAMPLES,
         total_bytes=sum(e.bytes for e in entries),
         shards=entries,
-        source_info={"heldout_combinations": [list(pair) for pair in HELDOUT_COMBINATIONS]},
+        source_info=SyntheticSource(seed=0, image_size=32).info(),  # as the ingest records it
     )
     save_manifest(manifest, str(dest))
     return str(dest)
 
 
-@pytest.mark.slow
-def test_tiny_dalle_trains_and_logs_samples(tmp_path, monkeypatch):
-    from trainer.stages import dalle, dvae
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, str]:
+    """Dataset, tokenizer and a 2-step dVAE checkpoint, shared by this file's dalle runs."""
+    from trainer.stages import dvae
 
-    monkeypatch.chdir(REPO)  # the presets name each other by repo-relative path
-    data = write_synthetic(tmp_path / "data")
+    root = tmp_path_factory.mktemp("dalle-inputs")
+    data = write_synthetic(root / "data")
     tokenizer = train_tokenizer(data, vocab_size=256)
-
     dvae_config = load_config(
         dvae.DVAEStageConfig,
         REPO / "configs" / "dvae" / "tiny.toml",
         [
             f"data.manifest='{data}'",
-            f"run.run_dir='{tmp_path / 'dvae'}'",
+            f"run.run_dir='{root / 'dvae'}'",
             "engine.total_steps=2",
             "engine.warmup_steps=0",
             "engine.micro_batch_size=8",
@@ -74,14 +75,24 @@ def test_tiny_dalle_trains_and_logs_samples(tmp_path, monkeypatch):
             "run.checkpoint_every=2",
         ],
     )
-    dvae_summary = dvae.train(dvae_config)
+    return {"data": data, "tokenizer": tokenizer, "dvae": dvae.train(dvae_config)["checkpoint"]}
 
-    run_dir = tmp_path / "dalle"
-    overrides = [
-        f"data.manifest='{data}'",
-        f"data.tokenizer='{tokenizer}'",
-        f"dalle.dvae_checkpoint='{dvae_summary['checkpoint']}'",
+
+def input_overrides(prepared: dict[str, str]) -> list[str]:
+    return [
+        f"data.manifest='{prepared['data']}'",
+        f"data.tokenizer='{prepared['tokenizer']}'",
+        f"dalle.dvae_checkpoint='{prepared['dvae']}'",
     ]
+
+
+@pytest.mark.slow
+def test_tiny_dalle_trains_and_logs_samples(prepared, tmp_path, monkeypatch):
+    from trainer.stages import dalle
+
+    monkeypatch.chdir(REPO)  # the presets name each other by repo-relative path
+    overrides, tokenizer = input_overrides(prepared), prepared["tokenizer"]
+    run_dir = tmp_path / "dalle"
     config = load_config(
         dalle.DalleStageConfig,
         REPO / "configs" / "dalle" / "tiny.toml",
@@ -135,6 +146,67 @@ def test_tiny_dalle_trains_and_logs_samples(tmp_path, monkeypatch):
     with Image.open(sample_dir / "samples.png") as grid:
         assert grid.size == (2 * 32 + 3 * 2, 32 + 2 * 2)  # two 32 px images, 2 px padding
     assert torch.load(sample_dir / "samples.pt")["codes"].shape == (2, 64)
+
+
+@pytest.mark.slow
+def test_resumed_dalle_run_is_bit_identical(prepared, tmp_path, monkeypatch):
+    """2 steps, stop, resume, 2 more == 4 steps straight: every training loss and every weight, exactly.
+
+    Caption dropout draws from the training RNG each step, and evaluation (validation loss, then codes
+    sampled for the manifest's held-out prompts) runs at start, at each checkpoint and after resuming
+    only in the interrupted run: any evaluation touching the training RNG changes the dropped captions.
+    The LR is constant (no warmup, min_lr_ratio 1), so stopping at total_steps=2 is a clean interruption.
+    """
+    from trainer.stages import dalle
+
+    monkeypatch.chdir(REPO)
+    losses: list[tuple[int, float]] = []
+    make_loss_fn = dalle.make_loss_fn
+
+    def recording_loss_fn(*args, **kwargs):
+        loss_fn = make_loss_fn(*args, **kwargs)
+
+        def loss_and_record(model, batch, step):
+            loss, parts = loss_fn(model, batch, step)
+            if model.training:  # evaluation calls it too, on the module in eval mode
+                losses.append((step, float(loss.detach())))
+            return loss, parts
+
+        return loss_and_record
+
+    monkeypatch.setattr(dalle, "make_loss_fn", recording_loss_fn)
+
+    def run(name: str, total_steps: int) -> dict:
+        config = load_config(
+            dalle.DalleStageConfig,
+            REPO / "configs" / "dalle" / "tiny.toml",
+            input_overrides(prepared)
+            + [
+                f"run.run_dir='{tmp_path / name}'",
+                f"engine.total_steps={total_steps}",
+                "engine.warmup_steps=0",
+                "engine.min_lr_ratio=1.0",
+                "engine.micro_batch_size=8",
+                "dalle.caption_dropout=0.5",
+                "run.eval_every=1",
+                "run.checkpoint_every=2",
+                "data.num_workers=0",
+                "data.validation_batch_size=4",
+            ],
+        )
+        return dalle.train(config)
+
+    straight = run("straight", 4)
+    straight_losses, losses[:] = list(losses), []
+    run("interrupted", 2)
+    resumed = run("interrupted", 4)
+    assert resumed["resumed_from"].endswith("step-000000002")
+    assert [step for step, _ in straight_losses] == [0, 1, 2, 3]
+    assert losses == straight_losses
+    assert resumed["last_eval"] == straight["last_eval"]  # metrics measured at step 4 by each run
+    final = read_module_state(resumed["checkpoint"])
+    for name, weight in read_module_state(straight["checkpoint"]).items():
+        assert torch.equal(final[name], weight), name
 
 
 @pytest.mark.slow
