@@ -34,7 +34,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ import webdataset  # noqa: E402
 
 from data_pipeline.loader import open_loader  # noqa: E402
 from data_pipeline.manifest import Manifest, load_manifest  # noqa: E402
+from trainer.net import free_port  # noqa: E402
 
 CEPH_BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin")
 ACCESS_KEY, SECRET_KEY, BUCKET = "benchkey", "benchsecret", "tessera-bench"
@@ -73,12 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="conditions of the run, kept in the JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
     return parser.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_store(workdir: Path) -> tuple[str, str, list[subprocess.Popen | int]]:

@@ -87,7 +87,7 @@ def launch(
 
 
 def _launch_torchrun(train_fn: TrainFn, config: BaseModel, num_workers: int) -> dict[str, Any] | None:
-    from trainer.engine import free_port
+    from trainer.net import free_port
 
     with tempfile.TemporaryDirectory(prefix="tessera-launch-") as scratch:
         config_path = Path(scratch) / "config.json"

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CEPH_SCRIPT = REPO / "infra" / "object-store-ceph.sh"
 CEPH_BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import deepspeed  # noqa: E402
 from deepspeed.moe.utils import has_moe_layers, split_params_into_different_moe_groups_for_optimizer  # noqa: E402
 
 from trainer.config import EngineConfig  # noqa: E402
+from trainer.net import free_port  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,6 @@ class SkippableAdamW(torch.optim.AdamW):
 
 class NonFiniteLossError(RuntimeError):
     """The loss was NaN/inf for ``max_nonfinite_in_a_row`` optimizer steps in a row."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_distributed() -> tuple[int, int]:
