@@ -18,21 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import has_moe_layers, split_params_into_different_moe_groups_for_optimizer
 
-# DeepSpeed picks its accelerator at first use; on a machine without CUDA that must be the CPU one,
-# and gloo must talk over loopback on a single host. A launcher's own settings win.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-
-import deepspeed  # noqa: E402
-from deepspeed.moe.utils import has_moe_layers, split_params_into_different_moe_groups_for_optimizer  # noqa: E402
-
-from trainer.config import EngineConfig  # noqa: E402
-from trainer.net import free_port  # noqa: E402
+from trainer.config import EngineConfig
+from trainer.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +68,13 @@ def init_distributed() -> tuple[int, int]:
     """Join (or, with no launcher around, create) the process group; returns ``(rank, world_size)``.
 
     torchrun, the ``deepspeed`` launcher and Ray Train all export RANK/WORLD_SIZE/MASTER_*; a plain
-    ``python`` run becomes a world of one on a free local port.
+    ``python`` run becomes a world of one on a free loopback port. Nothing is set at import: DeepSpeed
+    detects the CPU accelerator itself, and launchers (``cluster.launch``) set the rest for their ranks.
     """
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the world of one talks over loopback
     # Idempotent; wraps a process group Ray Train already created instead of making a second one.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
