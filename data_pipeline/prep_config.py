@@ -48,7 +48,7 @@ class TokenizerConfig(BaseModel):
     min_frequency: int = Field(default=2, ge=1)
 
 
-class DataConfig(BaseModel):
+class DataPrepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ingest: IngestConfig = Field(default_factory=IngestConfig)

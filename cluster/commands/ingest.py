@@ -10,7 +10,7 @@ from typing import Any
 
 from cluster.cli import add_common_args
 from cluster.config import apply_overrides, read_toml, validate
-from data_pipeline.prep_config import DataConfig
+from data_pipeline.prep_config import DataPrepConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def _count(text: str) -> int | str:
 FLAG_FIELDS = ("source", "dest", "num_samples", "image_size", "split", "partitions", "seed", "strict")
 
 
-def load(args: argparse.Namespace) -> DataConfig:
+def load(args: argparse.Namespace) -> DataPrepConfig:
     """File, then flags, then ``--set`` overrides; validated as a whole."""
     data: dict[str, Any] = read_toml(args.config) if args.config else {}
     section = data.setdefault("ingest", {})
@@ -48,7 +48,7 @@ def load(args: argparse.Namespace) -> DataConfig:
             section[name] = None if value == "all" else value
     apply_overrides(data, args.overrides)
     origin = (args.config or "<defaults>") + " + command-line flags"
-    return validate(DataConfig, data, origin)
+    return validate(DataPrepConfig, data, origin)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

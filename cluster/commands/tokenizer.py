@@ -8,7 +8,7 @@ from typing import Any
 
 from cluster.cli import add_common_args
 from cluster.config import apply_overrides, read_toml, validate
-from data_pipeline.prep_config import DataConfig
+from data_pipeline.prep_config import DataPrepConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.vocab_size is not None:
         data.setdefault("tokenizer", {})["vocab_size"] = args.vocab_size
     apply_overrides(data, args.overrides)
-    config = validate(DataConfig, data, (args.config or "<defaults>") + " + command-line flags").tokenizer
+    config = validate(DataPrepConfig, data, (args.config or "<defaults>") + " + command-line flags").tokenizer
     url = train_tokenizer(
         args.manifest, vocab_size=config.vocab_size, min_frequency=config.min_frequency, out_url=args.out
     )
