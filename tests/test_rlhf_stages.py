@@ -10,9 +10,15 @@ by what the policy draws greedily afterwards, not only by the loss it optimised.
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from data_pipeline.ingest import ingest
@@ -27,6 +33,7 @@ from trainer.rlhf.preferences import PreferencePair, PreferenceSource, RankingFi
 from trainer.sampling import SamplingConfig, generate_codes
 from trainer.stages import dpo, reward
 from trainer.stages.dalle import read_module_state
+from trainer.tracking import default_tracking_uri, read_run
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 SIDE, VOCAB = 4, 16
@@ -58,6 +65,12 @@ def make_pairs(count: int, seed: int) -> list[PreferencePair]:
 @pytest.fixture(scope="module")
 def preference_data(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("prefs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        yield _preference_data(root)
+
+
+def _preference_data(root):
     info = {"policy_checkpoint": "synthetic", "labeller": "pattern", "seed": 0}
     train = ingest(
         PreferenceSource(make_pairs(96, 0), info), str(root / "train"), image_size=32, partitions=2
@@ -104,14 +117,19 @@ def stage_config(cls, prefs, name: str, section: dict, **engine):
     )
 
 
-def test_reward_model_ranks_held_out_pairs(preference_data):
+@pytest.fixture(scope="module")
+def reward_run(preference_data):
     config = stage_config(
         reward.RewardStageConfig,
         preference_data,
         "reward",
         {"reward": {"sft_checkpoint": preference_data["sft"]}},
     )
-    summary = reward.train(config)
+    return reward.train(config)
+
+
+def test_reward_model_ranks_held_out_pairs(reward_run):
+    summary = reward_run
     # A zero-initialised head scores every pair equal at the start: accuracy 0 (ties are not wins).
     assert summary["first_eval"]["val_pair_accuracy"] == 0.0
     assert summary["last_eval"]["val_pair_accuracy"] >= 0.95
@@ -177,3 +195,49 @@ def test_rank_candidates_takes_best_and_worst_and_skips_ties(tmp_path):
     scores.write_text(json.dumps({"id": "p00000-s00", "score": 1}))
     with pytest.raises(ValueError, match="no score for 5 candidates"):
         rank_candidates(["first", "second"], codes, images, RankingFileLabeller(str(scores)))
+
+
+def test_ppo_on_ray_actors_completes_and_survives_a_killed_reward_actor(preference_data, reward_run):
+    from cluster.rl import ppo
+
+    config = ppo.PPOStageConfig(
+        run=RunConfig(name="ppo", run_dir=str(preference_data["root"] / "ppo")),
+        engine=EngineConfig(micro_batch_size=16, lr=2e-3, total_steps=6, warmup_steps=0),
+        data=preference_data["data"],
+        model=preference_data["model"],
+        ppo={
+            "iterations": 4,
+            "prompts_per_iteration": 16,
+            "ppo_epochs": 2,
+            "kl_coef": 0.01,
+            "kl_estimator": "k3",
+        },
+        critic_lr=1e-3,
+        rlhf={"sft_checkpoint": preference_data["sft"], "reward_checkpoint": reward_run["checkpoint"]},
+    )
+    state_url = preference_data["root"] / "ppo" / "checkpoints" / ppo.STATE_FILE
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(ppo.train(config)))
+    driver.start()
+    # Kill the reward actor's process once the first iteration is published; the next call must be retried.
+    deadline = time.monotonic() + 600
+    while not (state_url.exists() and json.loads(state_url.read_text())["iteration"] >= 1):
+        assert driver.is_alive() and time.monotonic() < deadline, "PPO never finished an iteration"
+        time.sleep(0.2)
+    reward_actor = ray.get_actor(ppo.actor_name(config, "reward"))
+    killed_pid, _ = ray.get(reward_actor.identity.remote())
+    os.kill(killed_pid, signal.SIGKILL)
+    driver.join(timeout=600)
+    assert not driver.is_alive() and result, "PPO did not finish after the reward actor was killed"
+
+    assert result["iterations"] == 3 and json.loads(state_url.read_text())["iteration"] == 3
+    history = result["history"]
+    print(
+        "ppo history:",
+        [{k: round(h[k], 4) for k in ("reward", "kl", "clipfrac", "value_loss")} for h in history],
+    )
+    assert all(math.isfinite(h["kl"]) and h["kl"] >= 0 for h in history)  # k3 is never negative
+    assert history[0]["kl"] < 1e-4  # the first rollout comes from the SFT weights themselves
+    assert history[-1]["kl"] > 1e-3  # the policy moved away from the reference
+    metrics = read_run(default_tracking_uri(), result["mlflow_run_id"]).data.metrics
+    assert {"kl", "reward", "clipfrac", "entropy", "value_loss", "explained_variance"} <= set(metrics)

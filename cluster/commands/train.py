@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "dalle": "trainer.stages.dalle",
     "reward": "trainer.stages.reward",
     "dpo": "trainer.stages.dpo",
+    "ppo": "cluster.rl.ppo",
 }
 
 
@@ -68,6 +69,10 @@ def main(args: argparse.Namespace) -> int:
     from cluster.launch import launch
 
     module, config = load_stage_config(args)
+    if getattr(module, "DRIVES_RAY", False):  # a driver that places its own actors (PPO)
+        from cluster.runtime import init_ray
+
+        init_ray(args.ray_address)
     summary = launch(
         module.train,
         config,

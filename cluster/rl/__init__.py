@@ -1,0 +1,1 @@
+"""Reinforcement learning from feedback on Ray: actor groups and the PPO driver."""
