@@ -23,7 +23,7 @@ import torch
 
 from data_pipeline.ingest import ingest
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, read_module_state
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine
 from trainer.models import build
@@ -32,7 +32,6 @@ from trainer.rlhf.policy import image_logprobs
 from trainer.rlhf.preferences import PreferencePair, PreferenceSource, RankingFileLabeller, rank_candidates
 from trainer.sampling import SamplingConfig, generate_codes
 from trainer.stages import dpo, reward
-from trainer.stages.dalle import read_module_state
 from trainer.tracking import default_tracking_uri, read_run
 
 NAMES = ("alpha", "beta", "gamma", "delta")

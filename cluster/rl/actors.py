@@ -17,13 +17,12 @@ from typing import Any
 import ray
 import torch
 
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, read_module_state
 from trainer.engine import Engine
 from trainer.models import build
 from trainer.rlhf.policy import RewardModel, ValueModel, image_logprobs
 from trainer.rlhf.ppo import critic_loss_fn, policy_loss_fn
 from trainer.sampling import generate_codes
-from trainer.stages.dalle import read_module_state
 
 RESTARTS = 3
 

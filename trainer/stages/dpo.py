@@ -21,14 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_pipeline import storage
 from data_pipeline.loader import open_loader
 from data_pipeline.manifest import manifest_location
-from trainer.checkpoint import read_marker
+from trainer.checkpoint import read_marker, read_module_state
 from trainer.config import RunConfig
 from trainer.engine import init_distributed
 from trainer.losses.rlhf import dpo_loss
 from trainer.models import build
 from trainer.rlhf.policy import image_logprobs
 from trainer.rlhf.preferences import make_pair_batch
-from trainer.stages.dalle import read_module_state
 from trainer.stages.loop import StageParts, fixed_validation_batch, run_training
 from trainer.stages.reward import PreferenceStageConfig, make_evaluate
 

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainer.checkpoint import read_module_state
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine, LossFn, init_distributed
 from trainer.losses.rlhf import bradley_terry_loss
 from trainer.models.dalle import DalleConfig
 from trainer.rlhf.policy import RewardModel
 from trainer.rlhf.preferences import make_pair_batch
-from trainer.stages.dalle import read_module_state
 from trainer.stages.loop import StageParts, fixed_validation_batch, run_training
 
 
