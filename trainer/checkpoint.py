@@ -397,8 +397,7 @@ class Checkpointer:
         if _is_node_leader(url):
             shutil.rmtree(staging, ignore_errors=True)
             if _rank() == 0:
-                self._remove_incomplete()
-                storage.remove(url, recursive=True)  # a DAMAGED folder of this step is replaced
+                self._remove_incomplete(replacing=url)
         _barrier()
         engine.ds.save_checkpoint(
             staging, tag=ENGINE_TAG, client_state={"engine": engine.state_dict()}, save_latest=True
@@ -452,11 +451,14 @@ class Checkpointer:
                 storage.publish_file(local, storage.join(url, os.path.relpath(local, staging)))
         shutil.rmtree(staging, ignore_errors=True)
 
-    def _remove_incomplete(self) -> None:
+    def _remove_incomplete(self, replacing: str) -> None:
         """Folders a crashed save left behind (no marker) go before a new save starts; DAMAGED ones stay
-        for inspection until a save of their step replaces them."""
+        for inspection until a save of their step (``replacing``) replaces them."""
+        step_name = replacing.rstrip("/").rsplit("/", 1)[-1]
         for url in _step_dirs(self.root):
-            if read_marker(url) is None and not storage.exists(storage.join(url, DAMAGED)):
+            if url.rstrip("/").rsplit("/", 1)[-1] == step_name:
+                storage.remove(url, recursive=True)
+            elif read_marker(url) is None and not storage.exists(storage.join(url, DAMAGED)):
                 log.warning("removing incomplete checkpoint %s (a save did not finish)", url)
                 storage.remove(url, recursive=True)
 
@@ -573,19 +575,24 @@ class Checkpointer:
                 )
             if client_state is None:
                 raise CheckpointError(f"{info.url}: DeepSpeed found no engine state in it")
-            rng_name = f"rng/rank-{_rank():05d}.json"
-            with open(os.path.join(local, rng_name)) as handle:
-                rng = json.load(handle)
-            with open(os.path.join(local, STATE_FILE)) as handle:
-                state = json.load(handle)
-        except (CheckpointError, OSError, ValueError) as exc:
-            error = str(exc) if isinstance(exc, CheckpointError) else f"{info.url}: unreadable: {exc}"
+            rng = _read_json(info, local, f"rng/rank-{_rank():05d}.json")
+            state = _read_json(info, local, STATE_FILE)
+        except CheckpointError as exc:
+            error = str(exc)
         if error := _first_error(error):
             raise CheckpointError(error)
         engine.load_state_dict(client_state["engine"])
         set_rng_state(rng)
         log.info("resumed from %s (step %d)", info.url, state["step"])
         return state
+
+
+def _read_json(info: CheckpointInfo, local: str, name: str) -> Any:
+    try:
+        with open(os.path.join(local, name)) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{storage.join(info.url, name)}: unreadable ({exc})") from exc
 
 
 # -- weights for inference and export ---------------------------------------------------------------
