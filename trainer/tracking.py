@@ -385,7 +385,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        self.experiment = experiment
+        self.experiment = redact_text(experiment)
         base_name = redact_text(run_name or experiment)
         self.run_name = f"{base_name}-{uuid.uuid4().hex[:6]}"
         self.request_timeout_s = request_timeout_s
@@ -393,7 +393,7 @@ class Tracker:
         self.max_backoff_s = max_backoff_s
         self._header: Record = {
             "run_key": uuid.uuid4().hex,
-            "experiment": experiment,
+            "experiment": self.experiment,
             "run_name": self.run_name,
             "run_id": None,
             "start_time": _now_ms(),
