@@ -50,6 +50,7 @@ class S3Store:
     secret_key: str
     bucket: str
     stop_pids: list[int] = field(default_factory=list)
+    ceph_dir: Path | None = None  # Ceph stores: the folder holding ceph.conf and run/*.pid
 
     @property
     def env(self) -> dict[str, str]:
@@ -91,9 +92,46 @@ def start_ceph(workdir: Path) -> S3Store:
         stdout=subprocess.DEVNULL,
     )
     pids = [int(p.read_text()) for p in (workdir / "run").glob("*.pid")]
-    store = S3Store(f"http://127.0.0.1:{port}", "testkey", "testsecret", "tessera-test", pids)
+    store = S3Store(f"http://127.0.0.1:{port}", "testkey", "testsecret", "tessera-test", pids, workdir)
     store.create_bucket()
     return store
+
+
+RGW_NAME = "client.rgw.a"  # the gateway's name in infra/object-store-ceph.sh
+
+
+def _gateway_pid(store: S3Store) -> int:
+    return int((store.ceph_dir / "run" / f"{RGW_NAME}.pid").read_text())
+
+
+def stop_gateway(store: S3Store, timeout: float = 30) -> None:
+    """Kill the Ceph RADOS Gateway, the S3 endpoint, as a crash would; the cluster behind it stays up."""
+    pid = _gateway_pid(store)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed daemon is a zombie until init reaps it: gone enough)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def start_gateway(store: S3Store, timeout: float = 60) -> None:
+    """Start the gateway again on the same port; the store's objects are all still there."""
+    old = _gateway_pid(store)
+    subprocess.run(
+        ["radosgw", "-c", str(store.ceph_dir / "ceph.conf"), "-n", RGW_NAME], check=True, timeout=timeout
+    )
+    deadline = time.monotonic() + timeout
+    while _gateway_pid(store) == old and time.monotonic() < deadline:
+        time.sleep(0.05)
+    store.stop_pids = [pid for pid in store.stop_pids if pid != old] + [_gateway_pid(store)]
+    wait_for_http(store.endpoint + "/", timeout)
 
 
 def start_moto() -> tuple[S3Store, object]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.ingest import IngestError, ingest, marker_url
+from data_pipeline.ledger import SampleLedger, manifest_keys
+from data_pipeline.loader import open_loader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.sources.synthetic import HELDOUT_COMBINATIONS, contains_heldout, generate_scene
+from tests.services import start_gateway, stop_gateway
+from tests.test_loader import UNEVEN, upload, write_dataset
 from tests.test_sources import add_member, jpeg_bytes, make_folder, write_wds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,3 +345,53 @@ def test_a_resumed_partition_cannot_readmit_a_duplicate_kept_elsewhere(ray_local
     assert resumed.duplicates_dropped == 1 and resumed.num_samples == 6
     _, samples = check_manifest_against_shards(dest, 32)
     assert len({json.loads(m["json"])["pixel_sha256"] for m in samples.values()}) == 6
+
+
+OUTAGE_S = 30  # the point of the test: longer than any client-side retry inside s3fs/botocore
+
+
+def test_ingest_and_loader_ride_out_a_30s_gateway_outage(ray_local, s3_ceph, tmp_path):
+    """The real Ceph gateway is killed while an ingest writes to it and a loader reads from it;
+    30 s later it is started again. Both finish, and what they produced or delivered is whole."""
+    dataset = upload(write_dataset(str(tmp_path / "local"), UNEVEN), s3_ceph.url("outage-read"))
+    loader = open_loader(dataset.location, rank=0, world_size=1, batch_size=2, seed=0, num_workers=1)
+    ledger = SampleLedger()
+    batches = iter(loader)
+    ledger.record(next(batches))
+
+    dest = s3_ceph.url("outage-write")
+    outcome: dict[str, object] = {}
+
+    def run_ingest() -> None:
+        try:
+            outcome["manifest"] = ingest(
+                "synthetic",
+                dest,
+                num_samples=160,
+                image_size=32,
+                partitions=4,
+                shard_max_samples=10,
+                progress=False,
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    writer = threading.Thread(target=run_ingest)
+    writer.start()
+    deadline = time.monotonic() + 180
+    while not storage.exists(marker_url(dest, 0)) and writer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writer.is_alive(), outcome.get("error") or "the ingest finished before the outage began"
+    stop_gateway(s3_ceph)
+    restart = threading.Timer(OUTAGE_S, start_gateway, args=(s3_ceph,))
+    restart.start()
+    try:
+        for batch in batches:  # the reads stall through the outage, then go on
+            ledger.record(batch)
+        writer.join(timeout=600)
+    finally:
+        restart.join()
+    assert "error" not in outcome, outcome.get("error")
+    ledger.check_exactly_once(manifest_keys(dataset), epoch=0)
+    manifest, _ = check_manifest_against_shards(dest, 32)
+    assert manifest.num_samples == 160
