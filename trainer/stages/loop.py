@@ -142,10 +142,10 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
         from trainer.tracking import Tracker
 
         tracker = Tracker(run.experiment, run.name, run_dir=run_dir_of(config), tags={"stage": stage})
-        tracker.log_params(
-            {**config.model_dump(mode="json"), "lineage": {"manifest_sha256": manifest.sha256()}}
-        )
-        tracker.set_tags({"manifest_sha256": manifest.sha256(), "world_size": engine.world_size})
+        # content_id names the data itself (shards' names, hashes, counts), wherever and whenever built.
+        lineage = {"data_content_id": manifest.content_id(), "manifest_sha256": manifest.sha256()}
+        tracker.log_params({**config.model_dump(mode="json"), "lineage": lineage})
+        tracker.set_tags({**lineage, "world_size": engine.world_size})
         if resume_url:
             tracker.set_tags({"resumed_from": resume_url})
 
@@ -206,6 +206,7 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
             if tracker is not None and (result.step % run.log_every == 0 or result.step == total):
                 metrics = result.log_metrics()
                 metrics["nonfinite_skips"] = engine.nonfinite_total
+                metrics.update({f"loader_rejects.{why}": n for why, n in loader.reject_counts().items()})
                 tracker.log_metrics(metrics, step=result.step)
                 log.info(progress.line(result, result.metrics))
             summary["loss"] = result.loss
