@@ -56,7 +56,13 @@ def read_one_epoch(manifest_url: str, tokenizer_url: str, run_dir: str) -> dict[
     seconds = time.perf_counter() - start
     stats = {"loader_samples": samples, "loader_samples_per_s": samples / seconds, "loader_seconds": seconds}
     with Tracker("tessera-data", "demo-ingest", run_dir=run_dir) as tracker:
-        tracker.log_params({"manifest": manifest_url, "manifest_sha256": manifest.sha256()})
+        tracker.log_params(
+            {
+                "manifest": manifest_url,
+                "manifest_sha256": manifest.sha256(),
+                "data_content_id": manifest.content_id(),
+            }
+        )
         tracker.log_metrics(
             {
                 "num_samples": manifest.num_samples,
