@@ -202,3 +202,23 @@ def test_optimizer_offload_with_torch_adamw():
     before = engine.module.weight.detach().clone()
     assert engine.train_step({"x": torch.randn(2, 3)}).applied
     assert not torch.equal(engine.module.weight.detach(), before)
+
+
+def test_step_rates_count_the_data_wait():
+    """Samples/s, TFLOP/s and the data-wait share are over the step's wall time, loader wait included."""
+    torch.manual_seed(0)
+    config = EngineConfig(micro_batch_size=2, grad_accum=2, total_steps=10)
+    engine = Engine(
+        torch.nn.Linear(3, 1),
+        config,
+        lambda model, batch, step: model(batch["x"]).square().mean(),
+        flops_per_sample=1e9,
+        peak_tflops_per_device=1.0,
+    )
+    result = engine.train_step({"x": torch.randn(4, 3)}, data_wait_s=2.0)
+    assert result.step_time_s > 2.0
+    assert result.data_wait_fraction == pytest.approx(2.0 / result.step_time_s)
+    assert result.samples_per_s == pytest.approx(4 / result.step_time_s)
+    assert result.tflops == pytest.approx(1e9 * 4 / result.step_time_s / 1e12)
+    assert result.mfu == pytest.approx(result.tflops)
+    assert result.log_metrics()["data_wait_fraction"] == result.data_wait_fraction  # goes to MLflow

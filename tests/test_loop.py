@@ -19,7 +19,7 @@ from data_pipeline.manifest import Manifest, SourceLineage, load_manifest, save_
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources.synthetic import generate_scene
 from data_pipeline.validate import encode_jpeg
-from trainer.checkpoint import Checkpointer, list_checkpoints
+from trainer.checkpoint import Checkpointer, list_checkpoints, read_module_state
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.stages.loop import StageParts, run_training
 
@@ -109,7 +109,13 @@ def test_crash_and_resume_replays_the_uninterrupted_run(tmp_path):
 
     straight: dict[int, list[str]] = {}
     straight_parts = tiny_parts(straight)
-    run_training(config_for(tmp_path, data, "straight"), straight_parts, stage="tiny")
+    # eval_every 2 does not divide checkpoint_every 3: checkpoints must still carry their own metrics.
+    run_training(config_for(tmp_path, data, "straight", eval_every=2), straight_parts, stage="tiny")
+    saved = list_checkpoints(f"{tmp_path}/straight/checkpoints")
+    assert [(info.step, info.metrics_step) for info in saved] == [(3, 3), (6, 6), (9, 9)]
+    for info in saved:  # the metric is the weight norm, recomputed here from the checkpoint's weights
+        weight = read_module_state(info.url)["weight"]
+        assert info.metrics["val_weight_norm"] == pytest.approx(float(weight.norm()), rel=1e-6)
 
     config = config_for(tmp_path, data, "crashed")
     before_crash: dict[int, list[str]] = {}
@@ -159,3 +165,32 @@ def test_keep_best_ignores_metrics_measured_on_other_weights(tmp_path):
     assert [info.step for info in list_checkpoints(root)] == [1, 3]
     markers = [json.loads((Path(info.url) / "COMPLETE").read_text()) for info in list_checkpoints(root)]
     assert [m["metrics_step"] for m in markers] == [1, 3]
+
+
+def test_progress_line_rates_agree():
+    """samples/s in the progress line is steps/s times the global batch, from one wall-clock window."""
+    from trainer.engine import StepResult
+    from trainer.stages.loop import _Progress
+
+    progress = _Progress(total=100, start_step=0)
+    result = StepResult(
+        step=10,
+        loss=1.0,
+        applied=True,
+        nonfinite=False,
+        lr=1e-3,
+        grad_norm=1.0,
+        samples=32,
+        tokens=0,
+        step_time_s=0.1,
+        data_wait_fraction=0.25,
+        samples_per_s=320.0,
+        tokens_per_s=0.0,
+        tflops=None,
+        mfu=None,
+    )
+    words = progress.line(result, {}).split()
+    samples_per_s = float(words[words.index("samples/s") - 1])
+    steps_per_s = float(words[words.index("steps/s") - 1])
+    assert samples_per_s == pytest.approx(32 * steps_per_s, rel=0.02)  # both printed rounded
+    assert "data wait 25%" in " ".join(words)
