@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "cluster.commands.demo",
     "cluster.commands.tracking",
     "cluster.commands.verify",
+    "cluster.commands.rlhf",
 )
 
 

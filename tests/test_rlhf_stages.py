@@ -240,3 +240,43 @@ def test_ppo_on_ray_actors_completes_and_survives_a_killed_reward_actor(preferen
     assert history[-1]["kl"] > 1e-3  # the policy moved away from the reference
     metrics = read_run(default_tracking_uri(), result["mlflow_run_id"]).data.metrics
     assert {"kl", "reward", "clipfrac", "entropy", "value_loss", "explained_variance"} <= set(metrics)
+
+
+def test_preferences_command_ranks_policy_samples_into_pair_datasets(preference_data, tmp_path):
+    from cluster.cli import main as tessera
+    from data_pipeline.loader import open_loader
+    from trainer.models.dvae import DVAEConfig
+
+    dvae_config = DVAEConfig(
+        image_size=16, vocab_size=VOCAB, hidden=8, blocks_per_group=1, downsample=4, decoder_init_channels=8
+    )
+    engine = Engine(build(dvae_config, device="cpu"), EngineConfig(total_steps=2), loss_fn=None)
+    dvae_checkpoint = Checkpointer(str(tmp_path / "dvae")).save(engine)
+    # Human scores: candidate s02 best and s00 worst for every prompt but the last, which is a tie.
+    rankings = tmp_path / "rankings.jsonl"
+    lines = [
+        json.dumps({"id": f"p{p:05d}-s{s:02d}", "score": s if p < 3 else 1.0})
+        for p in range(4)
+        for s in range(3)
+    ]
+    rankings.write_text("\n".join(lines) + "\n")
+    config = tmp_path / "preferences.toml"
+    config.write_text(
+        "[preferences]\n"
+        f"policy_checkpoint = '{preference_data['sft']}'\n"
+        f"dvae_checkpoint = '{dvae_checkpoint}'\n"
+        f"tokenizer = '{preference_data['tokenizer']}'\n"
+        f"prompts_manifest = '{preference_data['data'].manifest}'\n"
+        f"dest = '{tmp_path / 'pairs'}'\n"
+        "num_prompts = 4\nsamples_per_prompt = 3\nvalidation_fraction = 0.34\n"
+        f"labeller = 'file'\nrankings = '{rankings}'\n"
+    )
+    assert tessera(["rlhf", "preferences", "--config", str(config), "--run-dir", str(tmp_path / "run")]) == 0
+    samples = []
+    for split in ("train", "val"):
+        loader = open_loader(str(tmp_path / "pairs" / split), rank=0, world_size=1, batch_size=4, seed=0)
+        for batch in loader:
+            samples += [meta for meta, valid in zip(batch["meta"], batch["valid"].tolist()) if valid]
+    assert len(samples) == 3  # 4 prompts, one tie
+    assert all(m["chosen_score"] == 2.0 and m["rejected_score"] == 0.0 for m in samples)
+    assert all(len(m["chosen_codes"]) == len(m["rejected_codes"]) == SIDE * SIDE for m in samples)
