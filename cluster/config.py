@@ -89,4 +89,3 @@ def load_config(
     if overrides:
         source += " + --set " + " ".join(overrides)
     return validate(schema, data, source)
-

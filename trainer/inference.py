@@ -12,7 +12,7 @@ import logging
 import torch
 
 from data_pipeline.tokenizer import TextTokenizer
-from trainer.checkpoint import list_checkpoints, read_model_config, read_module_state
+from trainer.checkpoint import list_checkpoints, read_marker, read_model_config, read_module_state
 from trainer.models import build
 from trainer.models.dalle import DalleConfig, DalleTransformer
 from trainer.models.dvae import DVAE, DVAEConfig
@@ -29,6 +29,15 @@ def resolve_checkpoint(checkpoint: str, root: str) -> str:
     if not complete:
         raise FileNotFoundError(f"no complete checkpoint under {root}: train first or name one")
     return complete[-1].url
+
+
+def checkpoint_or_newest(url: str) -> str:
+    """``url`` when it is a complete checkpoint; else a run's checkpoint folder, meaning its newest one.
+
+    Lets configs name the run whose output they consume (``runs/dalle-tiny/checkpoints``) without
+    knowing the step it stopped at.
+    """
+    return url if read_marker(url) is not None else resolve_checkpoint("auto", url)
 
 
 def _require_url(checkpoint: str, what: str) -> None:

@@ -30,8 +30,8 @@ class PreferencesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy_checkpoint: str = Field(description="the DALL-E (SFT) checkpoint URL that draws the candidates")
-    dvae_checkpoint: str = Field(description="the dVAE checkpoint URL that decodes codes to images")
+    policy_checkpoint: str = Field(description="the DALL-E (SFT) checkpoint (or run folder) that draws")
+    dvae_checkpoint: str = Field(description="the dVAE checkpoint (or run folder) that decodes codes")
     tokenizer: str = Field(description="tokenizer.json URL the policy was trained with")
     prompts_manifest: str = Field(description="prompts are the distinct captions of this dataset")
     dest: str = Field(description="dataset URL; pairs go to dest/train and dest/val")
@@ -115,7 +115,7 @@ def build_preferences(config: PreferencesConfig, run_dir: str) -> dict:
     from data_pipeline.ingest import ingest
     from data_pipeline.storage import join
     from data_pipeline.tokenizer import load_tokenizer
-    from trainer.inference import load_frozen_dvae, load_trained
+    from trainer.inference import checkpoint_or_newest, load_frozen_dvae, load_trained
     from trainer.rlhf.preferences import (
         PreferenceSource,
         RankingFileLabeller,
@@ -125,6 +125,12 @@ def build_preferences(config: PreferencesConfig, run_dir: str) -> dict:
     from trainer.sampling import SamplingConfig
     from trainer.tracking import Tracker
 
+    config = config.model_copy(
+        update={
+            name: checkpoint_or_newest(getattr(config, name))
+            for name in ("policy_checkpoint", "dvae_checkpoint")
+        }
+    )
     policy = load_trained(config.policy_checkpoint)
     dvae = load_frozen_dvae(config.dvae_checkpoint)
     tokenizer = load_tokenizer(config.tokenizer)

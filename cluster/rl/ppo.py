@@ -28,10 +28,12 @@ from data_pipeline import storage
 from data_pipeline.loader import open_loader
 from data_pipeline.manifest import load_manifest
 from trainer.config import DataConfig, EngineConfig, RunConfig
+from trainer.inference import checkpoint_or_newest
 from trainer.losses.rlhf import explained_variance, masked_mean
 from trainer.models.dalle import DalleConfig
 from trainer.rlhf.ppo import AdaptiveKLController, PPOSettings, advantages_and_returns, shape_rewards
 from trainer.stages.loop import checkpoint_dir_of, run_dir_of
+from trainer.stages.reward import with_sft
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,8 @@ DRIVES_RAY = True  # `tessera train` connects to Ray before calling train()
 class RLHFInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sft_checkpoint: str = Field(
-        description="the DALL-E (SFT) checkpoint: the policy's start and the reference"
-    )
-    reward_checkpoint: str = Field(description="a `tessera train reward` checkpoint that scores images")
+    sft_checkpoint: str = Field(description="the DALL-E (SFT) checkpoint (or a run's checkpoint folder)")
+    reward_checkpoint: str = Field(description="a `tessera train reward` checkpoint (or its run's folder)")
 
 
 class ActorResources(BaseModel):
@@ -61,7 +61,7 @@ class PPOStageConfig(BaseModel):
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="ppo"))
     engine: EngineConfig = Field(default_factory=EngineConfig)
     data: DataConfig = Field(description="prompts: the captions of data.manifest")
-    model: DalleConfig = Field(default_factory=DalleConfig)
+    model: DalleConfig | None = Field(None, description="default: the SFT checkpoint's own (its model.json)")
     ppo: PPOSettings = Field(default_factory=PPOSettings)
     critic_lr: float = Field(1e-4, gt=0)
     rlhf: RLHFInputs
@@ -183,7 +183,15 @@ def _read_state(url: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
 
 
+def resolve_inputs(config: PPOStageConfig) -> PPOStageConfig:
+    """Checkpoint folders resolved to their newest checkpoint, and the model config read from the SFT one."""
+    config = with_sft(config, "rlhf")
+    reward = checkpoint_or_newest(config.rlhf.reward_checkpoint)
+    return config.model_copy(update={"rlhf": config.rlhf.model_copy(update={"reward_checkpoint": reward})})
+
+
 def train(config: PPOStageConfig) -> dict[str, Any]:
+    config = resolve_inputs(config)
     settings = config.ppo
     state_url = storage.join(checkpoint_dir_of(config), STATE_FILE)
     state = _read_state(state_url) if config.run.resume != "never" else None

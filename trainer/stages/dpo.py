@@ -29,7 +29,7 @@ from trainer.models import build
 from trainer.rlhf.policy import image_logprobs
 from trainer.rlhf.preferences import make_pair_batch
 from trainer.stages.loop import StageParts, fixed_validation_batch, run_training
-from trainer.stages.reward import PreferenceStageConfig, make_evaluate
+from trainer.stages.reward import PreferenceStageConfig, make_evaluate, with_sft
 
 
 class DPOSection(BaseModel):
@@ -138,6 +138,7 @@ def make_loss_fn(beta: float):
 def train(config: DPOStageConfig) -> dict[str, Any]:
     """Entry point for every launch mode (see cluster.launch)."""
     init_distributed()
+    config = with_sft(config, "dpo")
     torch.manual_seed(config.run.seed)
     sft_state = read_module_state(config.dpo.sft_checkpoint)
     reference = build(config.model, device="cpu")

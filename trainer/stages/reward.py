@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainer.checkpoint import read_module_state
+from trainer.checkpoint import read_model_config, read_module_state
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine, LossFn, init_distributed
+from trainer.inference import checkpoint_or_newest
 from trainer.losses.rlhf import bradley_terry_loss
 from trainer.models.dalle import DalleConfig
 from trainer.rlhf.policy import RewardModel
@@ -26,7 +27,9 @@ from trainer.stages.loop import StageParts, fixed_validation_batch, run_training
 class RewardSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sft_checkpoint: str = Field(description="the DALL-E (SFT) checkpoint URL the reward model starts from")
+    sft_checkpoint: str = Field(
+        description="the DALL-E (SFT) checkpoint the reward model starts from, or a run's checkpoint folder"
+    )
 
 
 class PreferenceStageConfig(BaseModel):
@@ -37,17 +40,27 @@ class PreferenceStageConfig(BaseModel):
     run: RunConfig = Field(default_factory=RunConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     data: DataConfig
-    model: DalleConfig = Field(default_factory=DalleConfig, description="must match the SFT checkpoint's")
+    model: DalleConfig | None = Field(None, description="default: the SFT checkpoint's own (its model.json)")
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceStageConfig:
         if not self.data.tokenizer:
             raise ValueError("data.tokenizer is required: the reward model reads captions")
-        if self.data.text_len != self.model.text_len:
-            raise ValueError(
-                f"data.text_len ({self.data.text_len}) must equal model.text_len ({self.model.text_len})"
-            )
         return self
+
+
+def with_sft(config: Any, section: str) -> Any:
+    """``config`` with ``[section].sft_checkpoint`` resolved to one checkpoint, ``model`` filled from it."""
+    inputs = getattr(config, section)
+    sft = checkpoint_or_newest(inputs.sft_checkpoint)
+    model = config.model or DalleConfig.model_validate(read_model_config(sft))
+    if model.text_len != config.data.text_len:
+        raise ValueError(
+            f"data.text_len ({config.data.text_len}) must equal the model's text_len ({model.text_len})"
+        )
+    return config.model_copy(
+        update={"model": model, section: inputs.model_copy(update={"sft_checkpoint": sft})}
+    )
 
 
 class RewardStageConfig(PreferenceStageConfig):
@@ -95,6 +108,7 @@ def make_evaluate(loss: LossFn, validation: dict[str, Any]):
 def train(config: RewardStageConfig) -> dict[str, Any]:
     """Entry point for every launch mode (see cluster.launch)."""
     init_distributed()
+    config = with_sft(config, "reward")
     torch.manual_seed(config.run.seed)
     model = RewardModel(config.model)
     model.load_policy_state(read_module_state(config.reward.sft_checkpoint))
