@@ -71,8 +71,10 @@ class JudgeLabeller:
     def __init__(self, checkpoint: str, judge_config: str) -> None:
         from evals.judge import load_judge, read_card
         from evals.judge_stage import JudgeStageConfig
+        from trainer.inference import checkpoint_or_newest
 
         model = load_config(JudgeStageConfig, judge_config).model
+        checkpoint = checkpoint_or_newest(checkpoint)
         # Every attribute the judge was measured on must clear the evals' accuracy bar.
         self.judge = load_judge(checkpoint, model, required=sorted(read_card(checkpoint)["heldout_accuracy"]))
 
