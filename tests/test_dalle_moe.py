@@ -1,12 +1,18 @@
-"""DeepSpeed MoE in the DALL-E transformer: expert parallelism, exact top-2 resume, aux loss, config rules."""
+"""DeepSpeed MoE in the DALL-E transformer: expert parallelism, exact top-2 resume, aux loss, config rules,
+and sampling from an expert-parallel checkpoint."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 import torch
 
+from cluster.commands import sample
 from cluster.config import ConfigError, validate
+from data_pipeline.tokenizer import build_untrained
 from tests.services import run_dist_script
+from trainer.checkpoint import list_checkpoints, read_module_state
 from trainer.models.dalle import DalleConfig, DalleTransformer
 from trainer.models.moe import MoEConfig, MoEFeedForward
 from trainer.stages.dalle import DalleStageConfig, make_loss_fn
@@ -70,9 +76,15 @@ def test_config_rules_fail_before_launch():
         validate(DalleStageConfig, {**base, "model": bad_split})
 
 
-def test_expert_parallel_equals_single_group_and_top2_resume_is_exact(tmp_path):
-    """One 2-rank torchrun launch (gloo, DeepSpeed on CPU); see tests/dist/dalle_moe.py."""
-    results = run_dist_script("dalle_moe.py", tmp_path / "moe.json", tmp_path)
+@pytest.fixture(scope="module")
+def moe_launch(tmp_path_factory):
+    """One 2-rank torchrun launch (gloo, DeepSpeed on CPU) for the whole file; see tests/dist/dalle_moe.py."""
+    workdir = tmp_path_factory.mktemp("moe")
+    return run_dist_script("dalle_moe.py", workdir / "moe.json", workdir), workdir
+
+
+def test_expert_parallel_equals_single_group_and_top2_resume_is_exact(moe_launch):
+    results, _ = moe_launch
     ep = results["ep"]
     # Same weights, batches and routing noise: ep_size=2 moves tokens by all-to-all instead of keeping
     # them local, which only reorders float32 sums (observed differences ~3e-7).
@@ -82,3 +94,38 @@ def test_expert_parallel_equals_single_group_and_top2_resume_is_exact(tmp_path):
     resume = results["resume"]
     assert resume["resumed"] == resume["reference"]  # bit-identical: the RNG came back with the weights
     assert resume["no_rng"][3:] != resume["reference"][3:]  # without it top-2's noise diverges
+
+
+def test_tessera_sample_on_an_expert_parallel_checkpoint(moe_launch, tmp_path):
+    """The ep_size=2 checkpoint keeps half the experts in each rank's expert files; inference reads them
+    all back into one process (ep_size=1) and `tessera sample` draws from it."""
+    results, workdir = moe_launch
+    (url,) = [info.url for info in list_checkpoints(str(workdir / "top2"))]
+    held = {}  # what the two ranks held in memory when they saved, experts under global indices
+    for rank in (0, 1):
+        held.update(torch.load(workdir / f"held-rank-{rank}.pt", weights_only=True))
+    # 2 MoE layers x 4 experts x (weight, bias) of 2 linear layers, half of them from each rank
+    assert sum(".deepspeed_experts." in name for name in held) == 2 * 4 * 4
+    loaded = read_module_state(url)
+    assert set(loaded) == set(held)
+    assert all(torch.equal(loaded[name], held[name]) for name in held)
+
+    tokenizer, trainer = build_untrained(vocab_size=260)
+    tokenizer.train_from_iterator(["a red star", "a blue hexagon"], trainer=trainer)
+    (tmp_path / "tokenizer.json").write_text(tokenizer.to_str())
+    parser = argparse.ArgumentParser(prog="tessera")
+    sample.register(parser.add_subparsers())
+    settings = {
+        "data.manifest": "unused",
+        "data.tokenizer": str(tmp_path / "tokenizer.json"),
+        "data.text_len": 6,
+        "model.text_len": 6,
+        "dalle.dvae_config": "unused.toml",
+        "dalle.dvae_checkpoint": results["dvae"],
+    }
+    argv = ["sample", "--run-dir", str(tmp_path / "sample"), "--checkpoint", url, "--top-k", "4"]
+    argv += [f"--set={key}={value}" for key, value in settings.items()]
+    args = parser.parse_args([*argv, "--prompt", "a red star", "--prompt", "a blue hexagon"])
+    assert args.func(args) == 0
+    codes = torch.load(tmp_path / "sample" / "samples.pt", weights_only=True)["codes"]
+    assert codes.shape == (2, 16) and int(codes.min()) >= 0 and int(codes.max()) < 16

@@ -8,6 +8,9 @@ Two checks in one launch (a launch costs seconds, a check a fraction of one):
 - ``resume``: top-2 gating with ``ep_size=2`` draws noise from the torch RNG. Six uninterrupted steps
   against three steps, a checkpoint, a fresh engine (after scrambling the RNG) loading it, three more.
   ``no_rng`` repeats the resume without restoring the RNG, to show the check would notice.
+- ``sample``: the top-2 checkpoint is left in WORKDIR/top2 for the parent test to sample from, with
+  what each rank held (WORKDIR/held-rank-R.pt, experts under their global index) as the oracle, and a
+  tiny random dVAE checkpoint (WORKDIR/dvae) whose codes fit the transformer.
 
 Usage: ``dalle_moe.py OUT.json WORKDIR``; rank 0 writes the losses to OUT.json.
 """
@@ -24,6 +27,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import EngineConfig
 from trainer.engine import Engine, init_distributed
 from trainer.models.dalle import DalleConfig, DalleTransformer
+from trainer.models.dvae import DVAE, DVAEConfig
 from trainer.models.moe import MoEConfig
 from trainer.stages.dalle import make_loss_fn
 
@@ -34,7 +38,7 @@ MICRO = 2
 def model_config(ep_size: int, top_k: int) -> DalleConfig:
     moe = MoEConfig(enabled=True, every=1, num_experts=4, top_k=top_k, ep_size=ep_size, aux_loss_weight=0.01)
     return DalleConfig(
-        text_vocab_size=40,
+        text_vocab_size=264,  # room for a byte-level tokenizer's 260 ids: the parent test samples from it
         text_len=6,
         image_vocab_size=16,
         image_side=4,
@@ -46,15 +50,18 @@ def model_config(ep_size: int, top_k: int) -> DalleConfig:
     )
 
 
-def expert_local_name(name: str, rank: int, local_experts: int) -> str | None:
-    """``...deepspeed_experts.<global e>...`` -> this rank's local index, or None if e lives elsewhere."""
+def renumber_expert(name: str, offset: int, local_experts: int | None = None) -> str | None:
+    """``...deepspeed_experts.<e>...`` with e shifted by ``offset``; None if the result is not below
+    ``local_experts`` (global -> local on a rank: offset -rank * local_experts; local -> global: +)."""
     marker = "deepspeed_experts."
     if marker not in name:
         return name
     head, tail = name.split(marker, 1)
     index, rest = tail.split(".", 1)
-    local = int(index) - rank * local_experts
-    return f"{head}{marker}{local}.{rest}" if 0 <= local < local_experts else None
+    shifted = int(index) + offset
+    if local_experts is not None and not 0 <= shifted < local_experts:
+        return None
+    return f"{head}{marker}{shifted}.{rest}"
 
 
 def build(ep_size: int, top_k: int) -> DalleTransformer:
@@ -64,7 +71,8 @@ def build(ep_size: int, top_k: int) -> DalleTransformer:
     model = DalleTransformer(model_config(ep_size, top_k))
     local = {}
     for name, value in full.items():
-        renamed = expert_local_name(name, dist.get_rank() if ep_size > 1 else 0, 4 // ep_size)
+        rank = dist.get_rank() if ep_size > 1 else 0
+        renamed = renumber_expert(name, -rank * (4 // ep_size), 4 // ep_size)
         if renamed is not None:
             local[renamed] = value
     model.load_state_dict(local)
@@ -111,6 +119,8 @@ def top2_resume(data: list[dict[str, torch.Tensor]], workdir: str) -> dict[str, 
     head = [first.train_step(batch).loss for batch in data[:3]]
     checkpointer = Checkpointer(f"{workdir}/top2", keep_last=1)
     url = checkpointer.save(first)
+    held = {renumber_expert(n, dist.get_rank() * 2): p.detach() for n, p in first.module.named_parameters()}
+    torch.save(held, f"{workdir}/held-rank-{dist.get_rank()}.pt")
     for restore_rng, key in ((True, "resumed"), (False, "no_rng")):
         second = engine_for(2, top_k=2)
         torch.manual_seed(4242)  # whatever a new process would have: the checkpoint must fix it
@@ -121,10 +131,18 @@ def top2_resume(data: list[dict[str, torch.Tensor]], workdir: str) -> dict[str, 
     return result
 
 
+def save_dvae(workdir: str) -> str:
+    """A random tiny dVAE whose codes fit the transformer (16 codes on a 4x4 grid of 32 px images)."""
+    torch.manual_seed(0)
+    config = DVAEConfig(image_size=32, vocab_size=16, hidden=8, blocks_per_group=1, decoder_init_channels=8)
+    engine = Engine(DVAE(config), EngineConfig(micro_batch_size=1, total_steps=1), lambda *_: None)
+    return Checkpointer(f"{workdir}/dvae").save(engine)
+
+
 def main(out_path: str, workdir: str) -> None:
     init_distributed()
     data = batches(dist.get_rank())
-    results = {"ep": expert_parallel(data), "resume": top2_resume(data, workdir)}
+    results = {"ep": expert_parallel(data), "resume": top2_resume(data, workdir), "dvae": save_dvae(workdir)}
     if dist.get_rank() == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle)
