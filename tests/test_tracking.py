@@ -195,6 +195,7 @@ def test_hung_server_never_blocks_the_training_thread(run_dir, monkeypatch):
             "hung", "r", run_dir=run_dir, queue_size=8, request_timeout_s=600, close_timeout_s=1
         )
         assert server.accepted.wait(120), "the sender never tried to reach MLflow"
+        tracker.log_params({"store": {"secret_key": "hung-secret-value"}})
         threading.Thread(target=training_loop, args=(tracker,), daemon=True).start()
         # Liveness, not speed: the loop can only finish while the server sits on the sender's request
         # if no log call waits on the network (a blocking call would wait the full 600 s timeout).
@@ -203,6 +204,7 @@ def test_hung_server_never_blocks_the_training_thread(run_dir, monkeypatch):
         tracker.close()
     finally:
         server.close()
+    assert "hung-secret-value" not in (run_dir / "tracking-unsent.jsonl").read_text()
     records = read_unsent(run_dir)
     assert sorted(r["step"] for r in records if r["kind"] == "metric") == list(range(steps))
     tags = {r["key"]: r["value"] for r in records if r["kind"] == "tag"}
