@@ -654,10 +654,23 @@ def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> l
     return [item.path for item in _client(tracking_uri).list_artifacts(run_id, path)]
 
 
+def find_finished_runs(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> list[str]:
+    """Ids of FINISHED runs of ``experiment`` carrying every tag in ``tags``, newest first (none: [])."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    query = " and ".join([*clauses, "attributes.status = 'FINISHED'"])
+    runs = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"])
+    return [run.info.run_id for run in runs]
+
+
 __all__ = [
     "REDACTED",
     "Tracker",
     "default_tracking_uri",
+    "find_finished_runs",
     "flatten",
     "image_grid",
     "lineage_tags",
