@@ -496,22 +496,35 @@ def test_an_image_too_large_is_rejected_from_its_header(tmp_path):
 
 
 LOADER_CHILD = """
-import os, sys
+import os, sys, time
+import torch
 from data_pipeline.loader import open_loader
-loader = open_loader(sys.argv[1], rank=0, world_size=1, batch_size=1, seed=0, num_workers=2)
+
+class StallingTokenizer:
+    # Stands in for a worker stuck in a slow call (a read from a hung store): once the flag file
+    # exists, every call blocks. torch's own parent watchdog runs only between batches, so it never
+    # sees the parent die; only PR_SET_PDEATHSIG ends such a worker.
+    def encode_batch(self, captions, text_len):
+        while os.path.exists(sys.argv[2]):
+            time.sleep(1)
+        return torch.zeros(len(captions), text_len, dtype=torch.long)
+
+loader = open_loader(sys.argv[1], rank=0, world_size=1, batch_size=1, seed=0, num_workers=2,
+                     tokenizer=StallingTokenizer(), text_len=4)
 stream = iter(loader)  # kept referenced: the workers live as long as the iterator
 next(stream)
+open(sys.argv[2], "w").close()
 print(os.getpid(), flush=True)
 sys.stdin.read()  # hold the workers until killed
 """
 
 
-def test_workers_die_when_the_training_process_is_killed(dataset):
+def test_workers_die_when_the_training_process_is_killed(dataset, tmp_path):
     import psutil
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", LOADER_CHILD, dataset.location],
+        [sys.executable, "-c", LOADER_CHILD, dataset.location, str(tmp_path / "stall")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
@@ -523,7 +536,7 @@ def test_workers_die_when_the_training_process_is_killed(dataset):
         assert len(workers) == 2
         os.kill(pid, signal.SIGKILL)  # as the OOM killer or a preempted node would
         proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(workers, timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)  # torch's watchdog would take 5 s, if it ran
         assert not alive, f"DataLoader workers outlived their parent: {[p.pid for p in alive]}"
     finally:
         proc.kill()
