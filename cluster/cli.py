@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "cluster.commands.tracking",
     "cluster.commands.verify",
     "cluster.commands.rlhf",
+    "cluster.commands.eval",
 )
 
 

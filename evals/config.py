@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evals.contamination import CheckSettings
 from evals.index import IndexSettings
+from trainer.sampling import SamplingConfig
 
 
 class EvalRunSection(BaseModel):
@@ -28,7 +29,7 @@ class JudgeRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: str = "configs/judge/tiny.toml"
-    checkpoint: str = "auto"  # "auto": the newest checkpoint of that config's run
+    checkpoint: str  # a judge checkpoint, or its run's checkpoint folder (the newest one)
 
 
 class FeatureSettings(BaseModel):
@@ -43,11 +44,23 @@ class FeatureSettings(BaseModel):
     kid_subset_size: int = Field(1000, ge=2)
 
 
-class ModelRef(BaseModel):
+class DvaeRef(BaseModel):
+    """A dVAE checkpoint, or a run's checkpoint folder (its newest checkpoint)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    config: str
-    checkpoint: str = "auto"
+    checkpoint: str
+
+
+class DalleRef(BaseModel):
+    """A DALL-E checkpoint (or run folder) with the dVAE and tokenizer it was trained with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str
+    dvae_checkpoint: str
+    tokenizer: str
+    sampling: SamplingConfig = SamplingConfig()
 
 
 class MemorisationSettings(BaseModel):
@@ -69,7 +82,7 @@ class EvalConfig(BaseModel):
     index: IndexSettings = IndexSettings()
     contamination: CheckSettings = CheckSettings()
     features: FeatureSettings = FeatureSettings()
-    dvae: ModelRef | None = None
-    dalle: ModelRef | None = None
+    dvae: DvaeRef | None = None
+    dalle: DalleRef | None = None
     samples_per_manifest: int = Field(64, ge=1)  # eval captions the DALL-E model draws images for
     memorisation: MemorisationSettings = MemorisationSettings()

@@ -18,7 +18,7 @@ from datasketch import MinHashLSH
 from datasketch.lean_minhash import LeanMinHash
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.fingerprints import aligned_windows, hamming
+from evals.fingerprints import MINHASH_SCHEME, aligned_windows, hamming
 from evals.index import ShardIndex
 
 METHODS = ("exact", "phash", "pixels", "ngram13", "minhash", "features")
@@ -84,11 +84,11 @@ def minhash_matches(train: ShardIndex, evals: ShardIndex, threshold: float) -> t
     perm = train.minhash.shape[1]
     lsh = MinHashLSH(threshold=threshold, num_perm=perm)
     for i, values in enumerate(train.minhash):
-        lsh.insert(i, LeanMinHash(seed=1, hashvalues=values), check_duplication=False)
+        lsh.insert(i, LeanMinHash(seed=1, hashvalues=values, scheme=MINHASH_SCHEME), check_duplication=False)
     flagged = np.zeros(len(evals), bool)
     nearest = np.full(len(evals), -1, np.int64)
     for row, values in enumerate(evals.minhash):
-        candidates = lsh.query(LeanMinHash(seed=1, hashvalues=values))
+        candidates = lsh.query(LeanMinHash(seed=1, hashvalues=values, scheme=MINHASH_SCHEME))
         if not candidates:
             continue
         estimates = (train.minhash[candidates] == values).mean(1)

@@ -28,6 +28,7 @@ from PIL import Image, ImageFilter
 
 NGRAM = 13
 SHINGLE = 5
+MINHASH_SCHEME = "affine32"  # datasketch's scheme; stored signatures are only comparable within one
 
 
 def normalise_text(text: str) -> str:
@@ -57,7 +58,7 @@ def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
 def minhash_signature(text: str, num_perm: int, seed: int = 1) -> np.ndarray:
     normal = normalise_text(text)
     shingles = {normal[i : i + SHINGLE] for i in range(max(1, len(normal) - SHINGLE + 1))}
-    signature = MinHash(num_perm=num_perm, seed=seed)
+    signature = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME)
     signature.update_batch([shingle.encode() for shingle in shingles])
     return signature.hashvalues.astype(np.uint64)
 
