@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cluster.commands.verify",
     "cluster.commands.rlhf",
     "cluster.commands.eval",
+    "cluster.commands.pipeline",
 )
 
 
