@@ -78,7 +78,7 @@ class EvalConfig(BaseModel):
 
     run: EvalRunSection = EvalRunSection()
     data: EvalData
-    judge: JudgeRef = JudgeRef()
+    judge: JudgeRef
     index: IndexSettings = IndexSettings()
     contamination: CheckSettings = CheckSettings()
     features: FeatureSettings = FeatureSettings()
