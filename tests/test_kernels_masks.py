@@ -93,6 +93,8 @@ def _check_layout_against_loop(mask: torch.Tensor, block_m: int, block_n: int) -
     expected = _tile_states_by_loop(mask, block_m, block_n)
     counts = {name: sum(s == name for s in expected.values()) for name in ("empty", "partial", "full")}
     assert layout.block_counts() == counts
+    # What FLOP accounting charges: every visited tile in full, partial or not.
+    assert layout.computed_pairs() == (counts["partial"] + counts["full"]) * block_m * block_n
     num_q_blocks = -(-mask.shape[0] // block_m)
     num_k_blocks = -(-mask.shape[1] // block_n)
     for m in range(num_q_blocks):  # forward lists: key blocks per query block, ascending
