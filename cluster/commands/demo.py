@@ -82,6 +82,34 @@ def read_one_epoch(manifest_url: str, tokenizer_url: str, run_dir: str) -> dict[
     return stats
 
 
+# (name, split, seed, samples): the judge's own train/held-out data and the models' two eval sets,
+# on seeds the training set (seed 0, train split) does not use.
+EVAL_DATASETS = (
+    ("judge-train", "heldout", 11, 1024),
+    ("judge-heldout", "heldout", 12, 256),
+    ("eval-seen", "train", 1, 256),
+    ("eval-heldout", "heldout", 1, 256),
+)
+
+
+def run_evals(step, store: str, dataset: str, tokenizer: str, common: list[str]) -> None:
+    """Ingest the eval and judge sets, train the judge, then `tessera eval run` on the demo's models."""
+    urls = {name: join(store, name) for name, *_ in EVAL_DATASETS}
+    for name, split, seed, samples in EVAL_DATASETS:
+        step(
+            f"ingest {name}",
+            ["ingest", "--config", "configs/ingest/tiny.toml", "--source", "synthetic", "--split", split]
+            + ["--seed", str(seed), "--num-samples", str(samples), "--dest", urls[name], *common],
+        )
+    judge_data = ["--set", f"data.manifest={urls['judge-train']}"]
+    judge_data += ["--set", f"data.validation_manifest={urls['judge-heldout']}"]
+    step("train judge", ["train", "judge", "--config", "configs/judge/tiny.toml", *judge_data, *common])
+    eval_sets = f'["{urls["eval-seen"]}", "{urls["eval-heldout"]}"]'
+    overrides = ["--set", f"data.train_manifest={dataset}", "--set", f"data.eval_manifests={eval_sets}"]
+    overrides += ["--set", f"dalle.tokenizer={tokenizer}"]
+    step("eval", ["eval", "run", "--config", "configs/eval/tiny.toml", *overrides, *common])
+
+
 def main(args: argparse.Namespace) -> int:
     from cluster.cli import main as tessera
     from trainer.tracking import default_tracking_uri
@@ -115,6 +143,7 @@ def main(args: argparse.Namespace) -> int:
         step(
             "train dalle", ["train", "dalle", "--config", "configs/dalle/tiny.toml", *data_overrides, *common]
         )
+        run_evals(step, store, dataset, tokenizer, common)
     print(
         f"\ndemo finished in {time.perf_counter() - started:.0f} s\n"
         f"  dataset:  {dataset} (manifest.json, shards, tokenizer.json)\n"
