@@ -160,6 +160,7 @@ def test_resumed_dalle_run_is_bit_identical(prepared, tmp_path, monkeypatch):
     from trainer.stages import dalle
 
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     losses: list[tuple[int, float]] = []
     make_loss_fn = dalle.make_loss_fn
 

@@ -22,6 +22,7 @@ from data_pipeline.validate import encode_jpeg
 from trainer.checkpoint import Checkpointer, list_checkpoints, read_module_state
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.stages.loop import StageParts, run_training
+from trainer.tracking import read_run
 
 SAMPLES, BATCH, STEPS = 24, 4, 9  # 6 steps an epoch: the run crosses into a second epoch
 
@@ -104,13 +105,17 @@ def config_for(tmp_path: Path, data: str, name: str, eval_every: int | None = No
 
 
 @pytest.mark.slow
-def test_crash_and_resume_replays_the_uninterrupted_run(tmp_path):
+def test_crash_and_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     data = write_dataset(tmp_path / "data")
 
     straight: dict[int, list[str]] = {}
     straight_parts = tiny_parts(straight)
     # eval_every 2 does not divide checkpoint_every 3: checkpoints must still carry their own metrics.
-    run_training(config_for(tmp_path, data, "straight", eval_every=2), straight_parts, stage="tiny")
+    summary = run_training(config_for(tmp_path, data, "straight", eval_every=2), straight_parts, stage="tiny")
+    logged = read_run(tracking_uri, summary["mlflow_run_id"]).data.metrics
+    assert 0 <= logged["data_wait_fraction"] < 1 and logged["samples_per_s"] > 0
     saved = list_checkpoints(f"{tmp_path}/straight/checkpoints")
     assert [(info.step, info.metrics_step) for info in saved] == [(3, 3), (6, 6), (9, 9)]
     for info in saved:  # the metric is the weight norm, recomputed here from the checkpoint's weights
