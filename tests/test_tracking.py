@@ -61,6 +61,7 @@ def test_default_store_lineage_unique_names_and_model_registry(tmp_path, monkeyp
         pass
     uri = tracker.tracking_uri
     assert uri == default_tracking_uri() and (tmp_path / "runs" / "mlflow.db").exists()
+    assert not (run_dir / "tracking-spool").exists()  # every staged artifact was uploaded
     run = read_run(uri, tracker.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == {

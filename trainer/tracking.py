@@ -628,8 +628,13 @@ class Tracker:
         with self._lock:
             if self._abandoned:
                 return
-        with _request_settings(self.request_timeout_s), contextlib.suppress(Exception):
-            _replay_file(client, self.tracking_uri, self.run_dir, self._lock)
+        try:
+            with _request_settings(self.request_timeout_s):
+                _replay_file(client, self.tracking_uri, self.run_dir, self._lock)
+        except OSError as exc:
+            log.warning("could not replay %s: %s", self.run_dir / UNSENT_FILE, exc)
+        with contextlib.suppress(OSError):  # every staged file was uploaded (or the spill file names it)
+            (self.run_dir / SPOOL_DIR).rmdir()
         log.info("MLflow run %s finished: %s", self.run_name, self._uri())
 
     def _uri(self) -> str:
