@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cluster.commands import sample
-from cluster.config import ConfigError, validate
+from cluster.config import ConfigError, load_config, validate
+from cluster.stage_inputs import resolve_stage_inputs
 from data_pipeline.tokenizer import build_untrained
 from tests.services import run_dist_script
 from trainer.checkpoint import list_checkpoints, read_module_state
@@ -120,12 +121,16 @@ def test_tessera_sample_on_an_expert_parallel_checkpoint(moe_launch, tmp_path):
         "data.tokenizer": str(tmp_path / "tokenizer.json"),
         "data.text_len": 6,
         "model.text_len": 6,
-        "dalle.dvae_config": "unused.toml",
-        "dalle.dvae_checkpoint": results["dvae"],
+        # dvae_checkpoint stays "auto": the CLI finds the newest checkpoint of this dVAE run
+        "dalle.dvae_config": str(tmp_path / "dvae.toml"),
     }
+    dvae_run = f'[run]\ncheckpoint_dir = "{workdir / "dvae"}"\n[data]\nmanifest = "unused"\n'
+    (tmp_path / "dvae.toml").write_text(dvae_run)
     argv = ["sample", "--run-dir", str(tmp_path / "sample"), "--checkpoint", url, "--top-k", "4"]
     argv += [f"--set={key}={value}" for key, value in settings.items()]
     args = parser.parse_args([*argv, "--prompt", "a red star", "--prompt", "a blue hexagon"])
     assert args.func(args) == 0
+    config = load_config(DalleStageConfig, None, [f"{key}={value}" for key, value in settings.items()])
+    assert resolve_stage_inputs(config).dalle.dvae_checkpoint == results["dvae"]
     codes = torch.load(tmp_path / "sample" / "samples.pt", weights_only=True)["codes"]
     assert codes.shape == (2, 16) and int(codes.min()) >= 0 and int(codes.max()) < 16
