@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -73,11 +76,79 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(plain, recomputed)
 
 
-def test_cosine_anneal_endpoints():
-    assert stage.cosine_anneal(0, 1.0, 1 / 16, 100) == 1.0
-    assert stage.cosine_anneal(50, 1.0, 1 / 16, 100) == pytest.approx((1 + 1 / 16) / 2)
-    assert stage.cosine_anneal(100, 1.0, 1 / 16, 100) == 1 / 16
-    assert stage.cosine_anneal(5, 0.0, 6.6, 0) == 6.6
+def reference_kl_weight(step: int, kl_weight: float, warmup: int) -> float:
+    """The paper's ramp, written out: beta = w * (1 - cos(pi * t / T)) / 2 for t < T, then w."""
+    if warmup == 0 or step >= warmup:
+        return kl_weight
+    return kl_weight * (1 - math.cos(math.pi * step / warmup)) / 2
+
+
+def reference_temperature(step: int, start: float, end: float, steps: int) -> float:
+    """tau = end + (start - end) * (1 + cos(pi * t / T)) / 2 for t < T, then end."""
+    if steps == 0 or step >= steps:
+        return end
+    return end + (start - end) * (1 + math.cos(math.pi * step / steps)) / 2
+
+
+def test_schedules_follow_their_formulas():
+    """beta rises 0 -> kl_weight and tau falls start -> end, each along half a cosine (random settings)."""
+    rng = random.Random(1234)
+    for _ in range(20):
+        settings = stage.DVAESettings(
+            kl_weight=rng.uniform(0.1, 10),
+            kl_warmup_steps=rng.choice([0, 1, rng.randint(2, 5000)]),
+            temperature_start=rng.uniform(0.5, 2),
+            temperature_end=rng.uniform(0.01, 0.4),
+            temperature_anneal_steps=rng.choice([0, 1, rng.randint(2, 5000)]),
+        )
+        longest = max(settings.kl_warmup_steps, settings.temperature_anneal_steps)
+        steps = sorted({0, 1, longest, longest + 7, *(rng.randint(0, longest + 10) for _ in range(30))})
+        betas = [stage.kl_weight_at(settings, t) for t in steps]
+        taus = [stage.temperature_at(settings, t) for t in steps]
+        for t, beta, tau in zip(steps, betas, taus):
+            # float64 closed forms of the same cosine: agreement to rounding error.
+            assert beta == pytest.approx(
+                reference_kl_weight(t, settings.kl_weight, settings.kl_warmup_steps), rel=1e-12, abs=1e-12
+            )
+            assert tau == pytest.approx(
+                reference_temperature(
+                    t, settings.temperature_start, settings.temperature_end, settings.temperature_anneal_steps
+                ),
+                rel=1e-12,
+            )
+        assert all(a <= b for a, b in zip(betas, betas[1:])), "the KL weight must ramp up, never down"
+        assert all(a >= b for a, b in zip(taus, taus[1:])), "the temperature must anneal down"
+        if settings.kl_warmup_steps:
+            assert betas[0] == 0.0
+
+
+def test_loss_applies_the_schedules(tmp_path):
+    """The loss at step t is recon + beta(t) * (latent positions / image dims) * KL, with tau(t) fed to
+    the Gumbel-softmax: checked against the formulas, not against the stage's own schedule helpers."""
+    config = stage.DVAEStageConfig(
+        data={"manifest": str(tmp_path)},
+        model={**TINY, "downsample": 4},
+        dvae={"kl_weight": 5.0, "kl_warmup_steps": 40, "temperature_anneal_steps": 100},
+    )
+    torch.manual_seed(0)
+    model = DVAE(config.model)
+    seen: list[float] = []
+    forward = model.forward
+
+    def recording_forward(images, temperature=1.0):  # records the temperature the loss asks for
+        seen.append(temperature)
+        return forward(images, temperature)
+
+    model.forward = recording_forward
+    batch = {"image": torch.rand(3, 3, 32, 32), "valid": torch.tensor([True, True, False])}
+    loss_fn = stage.make_loss(config)
+    ratio = (32 // 4) ** 2 / (3 * 32 * 32)
+    for step in (0, 10, 20, 39, 40, 70, 100, 150):
+        loss, metrics = loss_fn(model, batch, step)
+        beta = reference_kl_weight(step, 5.0, 40)
+        expected = float(metrics["recon"].detach()) + beta * ratio * float(metrics["kl"].detach())
+        assert float(loss) == pytest.approx(expected, rel=1e-5), step
+        assert seen[-1] == pytest.approx(reference_temperature(step, 1.0, 1 / 16, 100), rel=1e-12), step
 
 
 @pytest.fixture(scope="module")

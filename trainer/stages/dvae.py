@@ -63,6 +63,18 @@ def cosine_anneal(step: int, start: float, end: float, steps: int) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
+def kl_weight_at(settings: DVAESettings, step: int) -> float:
+    """beta(step): 0 at step 0, rising along half a cosine to ``kl_weight`` at ``kl_warmup_steps``."""
+    return cosine_anneal(step, 0.0, settings.kl_weight, settings.kl_warmup_steps)
+
+
+def temperature_at(settings: DVAESettings, step: int) -> float:
+    """tau(step): ``temperature_start`` falling along half a cosine to ``temperature_end``."""
+    return cosine_anneal(
+        step, settings.temperature_start, settings.temperature_end, settings.temperature_anneal_steps
+    )
+
+
 def prepare_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """Loader batch -> engine input: uint8 images to [0, 1] floats, plus the padding mask."""
     return {"image": batch["image"].float() / 255.0, "valid": batch["valid"]}
@@ -79,10 +91,8 @@ def make_loss(config: DVAEStageConfig):
     latent_ratio = model_config.latent_size**2 / (3 * model_config.image_size**2)
 
     def loss_fn(model, batch, step):
-        temperature = cosine_anneal(
-            step, settings.temperature_start, settings.temperature_end, settings.temperature_anneal_steps
-        )
-        beta = cosine_anneal(step, 0.0, settings.kl_weight, settings.kl_warmup_steps)
+        temperature = temperature_at(settings, step)
+        beta = kl_weight_at(settings, step)
         images = batch["image"]
         output = model(images, temperature)
         if model_config.reconstruction == "logit_laplace":
