@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 
-def _key(name: str) -> str:
+def buffer_key(name: str) -> str:
     return name.replace(".", "__")  # buffer names cannot contain dots
 
 
@@ -38,7 +38,7 @@ class EMA(nn.Module):
         self.warmup = warmup
         self.names = [name for name, _ in source.named_parameters()]
         for name, param in source.named_parameters():
-            self.register_buffer(_key(name), param.detach().clone().float())
+            self.register_buffer(buffer_key(name), param.detach().clone().float())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def decay_at(self, update: int) -> float:
@@ -46,7 +46,7 @@ class EMA(nn.Module):
         return min(self.decay, (1 + update) / (10 + update)) if self.warmup else self.decay
 
     def shadow(self, name: str) -> torch.Tensor:
-        return getattr(self, _key(name))
+        return getattr(self, buffer_key(name))
 
     @torch.no_grad()
     def update(self, source: nn.Module) -> None:
@@ -99,6 +99,7 @@ class WithEMA(nn.Module):
         super().__init__()
         self.net = net
         self.ema = EMA(net, decay, warmup)
+        self.config = getattr(net, "config", None)  # checkpoints record the net's config as model.json
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)

@@ -48,3 +48,8 @@ def diffusion_loss(
     else:
         count = torch.tensor(float(per_sample.numel()), dtype=dtype)
     return (per_sample * weights).sum() / count, per_sample.detach()
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per sample, summed over latent elements (the VAE prior term)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)

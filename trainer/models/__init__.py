@@ -15,6 +15,9 @@ from torch import nn
 BUILDERS: dict[str, str] = {
     "dvae": "trainer.models.dvae:DVAE",
     "dalle": "trainer.models.dalle:DalleTransformer",
+    "kl_autoencoder": "trainer.models.autoencoder:KLAutoencoder",
+    "unet": "trainer.models.unet:UNet",
+    "dit": "trainer.models.dit:DiT",
 }
 
 
