@@ -161,5 +161,5 @@ def test_eval_report_with_a_memorising_model(judge_run, tmp_path, ray_local):
     with Tracker("evals-test", "report", run_dir=tmp_path / "mlflow") as tracker:
         log_report(tracker, report, visuals, {"train_manifest_sha256": "abc"})
         run_id = tracker.run_id
-    artifacts = list_artifacts(default_tracking_uri(tmp_path / "mlflow"), run_id)
+    artifacts = list_artifacts(default_tracking_uri(), run_id)
     assert {"report.json", "report.html"} <= {Path(a).name for a in artifacts}
