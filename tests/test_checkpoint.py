@@ -104,9 +104,12 @@ def test_fault_before_complete_marker_keeps_previous_checkpoint(tmp_path, monkey
     Checkpointer(root).load(fresh, resolve_resume("auto", root))
     assert all(torch.equal(a, b) for a, b in zip(weights(fresh), good_weights))
 
+    stale = tmp_path / "ckpt" / ".staging-step-000000007"  # a save killed before its publish leaves this
+    (stale / "engine").mkdir(parents=True)
     fresh.train_step(batch(1))
     Checkpointer(root).save(fresh)  # the next save clears the debris and publishes step 2 whole
     assert [info.step for info in list_checkpoints(root)] == [1, 2]
+    assert not stale.exists()
 
 
 def test_fault_mid_upload_to_object_store(s3_moto, monkeypatch):

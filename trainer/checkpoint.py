@@ -452,14 +452,20 @@ class Checkpointer:
         shutil.rmtree(staging, ignore_errors=True)
 
     def _remove_incomplete(self, replacing: str) -> None:
-        """Folders a crashed save left behind (no marker) go before a new save starts; DAMAGED ones stay
-        for inspection until a save of their step (``replacing``) replaces them."""
+        """What crashed saves left behind goes before a new save starts: step folders without a marker
+        and (local roots) other steps' staging folders. DAMAGED folders stay for inspection until a save
+        of their step (``replacing``) replaces them."""
         step_name = replacing.rstrip("/").rsplit("/", 1)[-1]
-        for url in _step_dirs(self.root):
-            if url.rstrip("/").rsplit("/", 1)[-1] == step_name:
+        for url in storage.list_files(self.root):
+            name = url.rstrip("/").rsplit("/", 1)[-1]
+            if name == step_name:
                 storage.remove(url, recursive=True)
-            elif read_marker(url) is None and not storage.exists(storage.join(url, DAMAGED)):
-                log.warning("removing incomplete checkpoint %s (a save did not finish)", url)
+            elif name.startswith(PREFIX) and read_marker(url) is None:
+                if not storage.exists(storage.join(url, DAMAGED)):
+                    log.warning("removing incomplete checkpoint %s (a save did not finish)", url)
+                    storage.remove(url, recursive=True)
+            elif name.startswith(".staging-") and name != f".staging-{step_name}":
+                log.warning("removing %s (staging of a save that did not finish)", url)
                 storage.remove(url, recursive=True)
 
     def _prune(self) -> None:
