@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,23 @@ def test_plan_command_reads_the_preset_and_says_whether_it_fits(capsys):
     assert v100.func(v100) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["fits"] is False and report["inputs"]["zero_stage"] == 2
+
+
+def test_plans_pasted_in_docs_are_what_the_command_prints(capsys):
+    """docs/scaling.md pastes `tessera plan` commands with their output; re-run each and compare."""
+    import argparse
+
+    from cluster.commands import plan as plan_command
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "scaling.md").read_text()
+    pasted = re.findall(r"```\n(tessera plan [^`]*?)\n```\n```\n([^`]*?)\n```", doc)
+    assert len(pasted) >= 2  # the column-major 12B preset and the MoE preset
+    parser = argparse.ArgumentParser(prog="tessera")
+    plan_command.register(parser.add_subparsers())
+    for command, output in pasted:
+        argv = shlex.split(command.replace("\\\n", " "))[1:]
+        argv[argv.index("--config") + 1] = str(root / argv[argv.index("--config") + 1])
+        args = parser.parse_args(argv)
+        args.func(args)
+        assert capsys.readouterr().out.strip() == output.strip(), command
