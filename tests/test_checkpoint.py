@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from data_pipeline import storage
+from tests.services import run_dist_script
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import (
     COMPLETE,
@@ -325,3 +326,15 @@ def test_export_and_zero_to_fp32_give_the_fp32_master_copy_of_a_bf16_zero2_run(
     (output,) = (tmp_path / "ds").glob("*.safetensors")
     theirs = load_file(str(output))
     assert all(torch.equal(theirs[n], master[n]) for n in master)
+
+
+def test_two_rank_zero2_and_zero3_partitions_read_back_as_the_fp32_master(tmp_path):
+    """One 2-rank torchrun launch (gloo, DeepSpeed on CPU); see tests/dist/checkpoint_layouts.py."""
+    urls = run_dist_script("checkpoint_layouts.py", tmp_path / "layouts.json", tmp_path)
+    for stage, url in urls.items():
+        master = torch.load(tmp_path / f"zero{stage}-master.pt", weights_only=True)
+        loaded = read_module_state(url)
+        assert set(loaded) == set(master), stage
+        assert all(torch.equal(loaded[name], master[name]) for name in master), stage
+        model = DalleTransformer(DALLE)
+        model.load_state_dict(loaded)  # the whole model, from each rank's partition
