@@ -286,15 +286,15 @@ class DalleTransformer(nn.Module):
         if key not in self._masks:
             cfg = self.config
             full = dalle_mask(cfg.text_len, cfg.image_side, kind, kernel_size=cfg.conv_kernel_size)
-            order = column_major_order(cfg.text_len, cfg.image_side)
-            order = order[order < stop]
-            if kind == "column" and start == 0 and not torch.equal(order, torch.arange(stop)):
+            self._masks[key] = LayerMask(full[start:stop, :stop].to(device))
+            if kind == "column" and start == 0 and stop > cfg.text_len + cfg.image_side:
+                # A prefix reaching into the second image row: column-major order differs from raster.
+                order = column_major_order(cfg.text_len, cfg.image_side)
+                order = order[order < stop]
                 reordered = full[:stop, :stop][order][:, order]
                 self._masks[key] = LayerMask(
                     reordered.to(device), order.to(device), order.argsort().to(device)
                 )
-            else:
-                self._masks[key] = LayerMask(full[start:stop, :stop].to(device))
         return self._masks[key]
 
     # -- embeddings -------------------------------------------------------------------------------
