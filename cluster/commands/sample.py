@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (slow)")
     parser.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
+    parser.add_argument("--model", choices=("dalle", "diffusion"), default="dalle", help="which generator")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), help="diffusion: the sampler")
+    parser.add_argument("--steps", type=int, help="diffusion: denoising steps")
+    parser.add_argument("--guidance", type=float, help="diffusion: classifier-free guidance scale (1 = off)")
     parser.set_defaults(func=main)
 
 
@@ -42,6 +46,10 @@ SAMPLING_FLAGS = {
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.model == "diffusion":
+        from cluster.commands.sample_diffusion import main as sample_diffusion
+
+        return sample_diffusion(args)
     import torch
     from PIL import Image
 

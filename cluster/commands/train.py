@@ -16,6 +16,8 @@ from cluster.stage_inputs import resolve_stage_inputs
 STAGES: dict[str, str] = {
     "dvae": "trainer.stages.dvae",
     "dalle": "trainer.stages.dalle",
+    "autoencoder": "trainer.stages.autoencoder",
+    "diffusion": "trainer.stages.diffusion",
     "judge": "evals.judge_stage",
     "reward": "trainer.stages.reward",
     "dpo": "trainer.stages.dpo",
