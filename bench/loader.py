@@ -298,6 +298,16 @@ def versions() -> dict[str, str]:
     }
 
 
+def code_state() -> dict:
+    """The commit measured, and which loader files differed from it (the checkout may be shared)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    changed = git("status", "--porcelain", "--", "data_pipeline", "bench/loader.py").splitlines()
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": [line[3:] for line in changed]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="ceph-bench-", dir="/tmp"))
@@ -358,6 +368,7 @@ def main(argv=None) -> int:
         "cores": os.cpu_count(),
         "store": kind,
         "versions": versions(),
+        "code": code_state(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
