@@ -236,12 +236,18 @@ def regenerate(text: str, results: dict[str, dict], doc: str) -> tuple[str, list
 
 
 def run(root: Path, check: bool) -> list[str]:
-    """Rebuild (with ``check``: only compare) the docs under ``root``; ``doc: block`` per difference."""
+    """Rebuild (with ``check``: only compare) the docs under ``root``; ``doc: block`` per difference.
+
+    Raises ValueError when a block is missing from every doc: its figures would then be hand-written.
+    """
     results = load_results(root / "bench" / "results")
+    texts = {doc: (root / doc).read_text() for doc in DOCS}
+    found = {match["name"] for text in texts.values() for match in BLOCK.finditer(text)}
+    if missing := [name for name in RENDERERS if name not in found]:
+        raise ValueError(f"no generated block {', '.join(missing)} in {', '.join(DOCS)}")
     stale = []
-    for doc in DOCS:
+    for doc, text in texts.items():
         path = root / doc
-        text = path.read_text()
         new_text, changed = regenerate(text, results, doc)
         stale += [f"{doc}: {name}" for name in changed]
         if changed and not check:
@@ -254,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 if any block is stale")
     parser.add_argument("--root", type=Path, default=ROOT, help="repository root (docs/ and bench/results/)")
     args = parser.parse_args(argv)
-    stale = run(args.root, args.check)
+    try:
+        stale = run(args.root, args.check)
+    except ValueError as error:
+        print(f"bench/report.py: {error}", file=sys.stderr)
+        return 2
     for entry in stale:
         print(f"{'stale' if args.check else 'rewrote'}: {entry}")
     if args.check and stale:

@@ -73,3 +73,12 @@ def test_gpu_figures_without_json_read_unmeasured(tmp_path):
         line for line in (root / "docs" / "benchmarks.md").read_text().splitlines() if "attention" in line
     )
     assert "**unmeasured**" in row
+
+
+def test_a_removed_block_is_an_error(tmp_path):
+    """Deleting the markers (to paste figures by hand) fails the check instead of passing silently."""
+    root = copy_of_docs_and_results(tmp_path)
+    doc = root / "docs" / "training.md"
+    doc.write_text(doc.read_text().replace("bench-report:trainer-overhead", "hand-written"))
+    result = report(root, "--check")
+    assert result.returncode == 2 and "no generated block trainer-overhead" in result.stderr
