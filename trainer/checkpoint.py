@@ -113,6 +113,13 @@ def read_marker(url: str) -> CheckpointInfo | None:
         raise CheckpointError(f"{marker}: unreadable marker ({exc})") from exc
 
 
+def _is_readable(url: str) -> bool:
+    try:
+        return read_marker(url) is not None
+    except CheckpointError:
+        return False  # an unreadable marker: the folder is replaced like a damaged one
+
+
 def _step_dirs(root: str) -> list[str]:
     return [url for url in storage.list_files(root) if url.rstrip("/").rsplit("/", 1)[-1].startswith(PREFIX)]
 
@@ -391,7 +398,7 @@ class Checkpointer:
         ``metrics_step``: the step ``metrics`` were measured at; :meth:`best` ranks only checkpoints
         whose metrics are their own."""
         url = checkpoint_url(self.root, engine.step)
-        if read_marker(url) is not None:
+        if _is_readable(url):
             return url  # this exact step is already saved whole; rewriting it would open a gap
         staging = _scratch_dir(url, "staging")
         if _is_node_leader(url):
@@ -460,7 +467,7 @@ class Checkpointer:
             name = url.rstrip("/").rsplit("/", 1)[-1]
             if name == step_name:
                 storage.remove(url, recursive=True)
-            elif name.startswith(PREFIX) and read_marker(url) is None:
+            elif name.startswith(PREFIX) and not storage.exists(storage.join(url, COMPLETE)):
                 if not storage.exists(storage.join(url, DAMAGED)):
                     log.warning("removing incomplete checkpoint %s (a save did not finish)", url)
                     storage.remove(url, recursive=True)
