@@ -1,7 +1,8 @@
 """``tessera demo``: the whole pipeline, tiny, on embedded defaults.
 
 synthetic scenes -> Ray ingestion to WebDataset shards -> BPE tokenizer -> one loader epoch (sample
-grid and ingestion stats to MLflow) -> tiny dVAE -> tiny DALL-E transformer with samples. Every step
+grid and ingestion stats to MLflow) -> tiny dVAE -> tiny DALL-E transformer with samples -> tiny KL
+autoencoder -> tiny latent diffusion UNet with guided samples. Every step
 is the same CLI command a user runs by hand; the demo only chains them and points them at one
 MLflow store so the runs sit side by side in the UI.
 """
@@ -143,6 +144,11 @@ def main(args: argparse.Namespace) -> int:
         step(
             "train dalle", ["train", "dalle", "--config", "configs/dalle/tiny.toml", *data_overrides, *common]
         )
+        for stage in ("autoencoder", "diffusion"):  # latent diffusion: guided samples for held-out prompts
+            step(
+                f"train {stage}",
+                ["train", stage, "--config", f"configs/{stage}/tiny.toml", *data_overrides, *common],
+            )
         run_evals(step, store, dataset, tokenizer, common)
     print(
         f"\ndemo finished in {time.perf_counter() - started:.0f} s\n"
