@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "cluster.commands.rlhf",
     "cluster.commands.eval",
     "cluster.commands.pipeline",
+    "cluster.commands.submit",
 )
 
 
