@@ -54,6 +54,23 @@ def kl_to_uniform(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return (log_q.exp() * log_q).sum(dim) + math.log(logits.shape[dim])
 
 
+def marginal_kl_to_uniform(
+    logits: torch.Tensor, valid: torch.Tensor | None = None, dim: int = 1
+) -> torch.Tensor:
+    """KL(q_bar || uniform), q_bar = softmax(logits) averaged over every latent position of the batch.
+
+    The ELBO's mean KL splits into I(x; z) + KL(q_bar || uniform): this is the second part alone, so
+    weighting it penalises a batch that piles onto a few codes without penalising informative codes
+    (the codebook-diversity term of wav2vec 2.0 / the batch-entropy term of MAGVIT-v2's LFQ).
+    ``valid`` (B,) leaves padding rows out.
+    """
+    probs = F.softmax(logits.float(), dim=dim).movedim(dim, -1)
+    if valid is not None:
+        probs = probs[valid.bool()]
+    q_bar = probs.reshape(-1, probs.shape[-1]).mean(0)
+    return (q_bar * q_bar.clamp_min(1e-30).log()).sum() + math.log(q_bar.numel())
+
+
 def psnr(images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per image, for images in [0, 1]."""
     mse = squared_error(images, reconstruction).flatten(1).mean(1)

@@ -118,6 +118,26 @@ class DVAE(nn.Module):
                 nn.init.normal_(module.weight, std=fan_in**-0.5)
                 nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def init_code_logits(self, images: torch.Tensor, logit_std: float = 4.0) -> None:
+        """Aim each code at the encoder features of one random latent position of ``images``.
+
+        The last conv becomes ``logit_k = s * <u_k, h - mean(h)>`` with ``u_k`` the unit, centred feature
+        vector of a sampled position, ``s`` setting the logits' spread to ``logit_std``: every code then
+        wins somewhere in the data (a k-means++-like seeding) instead of one code winning everywhere,
+        as it does from a random init whose ReLU features share one large mean direction.
+        """
+        head = self.encoder[-1]
+        features = self._run(self.encoder[:-1], map_pixels(images)).double()
+        features = features.movedim(1, -1).reshape(-1, features.shape[1])
+        mean = features.mean(0)
+        picks = torch.randint(len(features), (self.config.vocab_size,))
+        directions = features[picks] - mean
+        directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        scale = logit_std / ((features - mean) @ directions.T).std().clamp_min(1e-12)
+        head.weight.copy_((scale * directions)[:, :, None, None].to(head.weight.dtype))
+        head.bias.copy_((-scale * directions @ mean).to(head.bias.dtype))
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each residual block in backward instead of storing its activations."""
         self.activation_checkpointing = enabled

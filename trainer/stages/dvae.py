@@ -16,9 +16,18 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data_pipeline.loader import open_loader
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine, init_distributed
-from trainer.losses.vae import codebook_usage, kl_to_uniform, logit_laplace_nll, psnr, squared_error
+from trainer.grids import labelled_grid
+from trainer.losses.vae import (
+    codebook_usage,
+    kl_to_uniform,
+    logit_laplace_nll,
+    marginal_kl_to_uniform,
+    psnr,
+    squared_error,
+)
 from trainer.models import build
 from trainer.models.dvae import DVAEConfig
 from trainer.stages.loop import StageParts, fixed_validation_batch, run_training
@@ -34,6 +43,10 @@ class DVAESettings(BaseModel):
     temperature_start: float = Field(1.0, gt=0)
     temperature_end: float = Field(1 / 16, gt=0)
     temperature_anneal_steps: int = Field(150_000, ge=0)
+    # Weight of KL(batch-mean code distribution || uniform), in the KL term's units (0: the paper's loss).
+    usage_weight: float = Field(0.0, ge=0)
+    # Start the code logits from training features (each code aimed at a random position's features).
+    init_logits_from_data: bool = False
     grid_images: int = Field(8, ge=1)
 
 
@@ -102,7 +115,12 @@ def make_loss(config: DVAEStageConfig):
         recon = masked_mean(recon_elements.flatten(1).mean(1), batch["valid"])
         kl = masked_mean(kl_to_uniform(output.logits).flatten(1).mean(1), batch["valid"])
         loss = recon + beta * latent_ratio * kl
-        return loss, {"recon": recon, "kl": kl, "temperature": temperature, "kl_weight": beta}
+        metrics = {"recon": recon, "kl": kl, "temperature": temperature, "kl_weight": beta}
+        if settings.usage_weight:
+            usage_kl = marginal_kl_to_uniform(output.logits, batch["valid"])
+            loss = loss + settings.usage_weight * latent_ratio * usage_kl
+            metrics["usage_kl"] = usage_kl
+        return loss, metrics
 
     return loss_fn
 
@@ -110,6 +128,27 @@ def make_loss(config: DVAEStageConfig):
 def validation_images(config: DVAEStageConfig) -> torch.Tensor:
     """The fixed eval images (see ``fixed_validation_batch``)."""
     return prepare_batch(fixed_validation_batch(config))["image"]
+
+
+def training_images(config: DVAEStageConfig) -> torch.Tensor:
+    """The first training batch (the same on every rank) with >= 4 latent positions per code."""
+    count = math.ceil(4 * config.model.vocab_size / config.model.latent_size**2)
+    loader = open_loader(config.data.manifest, rank=0, world_size=1, batch_size=count, seed=config.run.seed)
+    return prepare_batch(next(iter(loader)))["image"]
+
+
+def usage_metrics(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    """How the codebook is used on the validation batch: perplexity, dead share, and the histogram's
+    shape (share of the busiest code, how many codes cover half of all positions)."""
+    perplexity, dead = codebook_usage(codes, vocab_size)
+    shares = torch.bincount(codes.flatten(), minlength=vocab_size).double().sort(descending=True).values
+    shares /= shares.sum()
+    return {
+        "codebook_perplexity": perplexity,
+        "dead_code_fraction": dead,
+        "top_code_share": float(shares[0]),
+        "codes_for_half": float(int((shares.cumsum(0) < 0.5).sum()) + 1),
+    }
 
 
 def make_evaluate(config: DVAEStageConfig, images: torch.Tensor):
@@ -121,16 +160,17 @@ def make_evaluate(config: DVAEStageConfig, images: torch.Tensor):
         codes = module.encode(inputs)
         reconstruction = module.decode(codes).float().cpu()
         module.train()
-        perplexity, dead = codebook_usage(codes.cpu(), config.model.vocab_size)
+        per_image_psnr = psnr(images, reconstruction)
         metrics = {
             "val_mse": float(squared_error(images, reconstruction).mean()),
-            "val_psnr": float(psnr(images, reconstruction).mean()),
-            "codebook_perplexity": perplexity,
-            "dead_code_fraction": dead,
+            "val_psnr": float(per_image_psnr.mean()),
+            **usage_metrics(codes.cpu(), config.model.vocab_size),
         }
         count = config.dvae.grid_images
-        grid = torch.stack([images[:count], reconstruction[:count]], dim=1).flatten(0, 1)  # input | recon
-        return metrics, grid
+        pairs = torch.stack([images[:count], reconstruction[:count]], dim=1).flatten(0, 1)  # input | recon
+        scores = per_image_psnr[:count].tolist()
+        labels = [text for value in scores for text in ("original", f"from codes: {value:.1f} dB")]
+        return metrics, labelled_grid(pairs, labels)
 
     return evaluate
 
@@ -140,6 +180,8 @@ def train(config: DVAEStageConfig) -> dict[str, Any]:
     init_distributed()  # before the model: the same seed gives every rank the same initial weights
     torch.manual_seed(config.run.seed)
     model = build(config.model, device="cpu")
+    if config.dvae.init_logits_from_data:
+        model.init_code_logits(training_images(config))
     images = validation_images(config)
     if images.shape[-1] != config.model.image_size:
         raise ValueError(
