@@ -20,6 +20,7 @@ from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 from trainer.checkpoint import read_module_state  # noqa: F401  (lives in checkpoint; kept for old callers)
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine, init_distributed
+from trainer.grids import labelled_grid
 from trainer.inference import load_frozen_dvae
 from trainer.losses.dalle import dalle_loss
 from trainer.models import build
@@ -175,7 +176,8 @@ def make_evaluate(
     """
     section = config.dalle
     loss_fn = make_loss_fn(config.model, text_weight=section.text_weight, image_weight=section.image_weight)
-    prompts = tokenizer.encode_batch(section.sample_prompts or default_prompts(config), config.model.text_len)
+    prompt_texts = section.sample_prompts or default_prompts(config)
+    prompts = tokenizer.encode_batch(prompt_texts, config.model.text_len)
     side = config.model.image_side
 
     def evaluate(engine: Engine, step: int) -> tuple[dict[str, float], torch.Tensor]:
@@ -189,7 +191,7 @@ def make_evaluate(
         images = dvae.decode(codes.view(-1, side, side).to(next(dvae.parameters()).device)).float().cpu()
         module.train()
         metrics = {"val_loss": float(loss), **{f"val_{name}": value for name, value in parts.items()}}
-        return metrics, images
+        return metrics, labelled_grid(images, prompt_texts)  # each sample enlarged, its prompt under it
 
     return evaluate
 
