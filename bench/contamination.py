@@ -92,15 +92,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-contamination-"))
     train_samples = scenes(0, args.train)
     train = write_dataset(root / "train", train_samples, shard_samples=args.shard_samples)
-    decoded = [jpeg(s.image, 95) for s in train_samples[: args.planted]]
+    # Plants are made from the training image as stored (JPEG q95), then stored as q95 again; the copy
+    # is the same source pixels through the same encoder, so its decoded pixels are identical.
+    originals = [s.image for s in train_samples[: args.planted]]
     planted = [
-        Sample(image=make(x), caption=f"planted {kind}", metadata={})
+        Sample(image=o if kind == "copy" else make(jpeg(o, 95)), caption=f"planted {kind}", metadata={})
         for kind, make in PLANTS.items()
-        for x in decoded
+        for o in originals
     ]
-    evals = write_dataset(
-        root / "eval", scenes(1, args.eval) + planted, shard_samples=args.shard_samples, quality=100
-    )
+    evals = write_dataset(root / "eval", scenes(1, args.eval) + planted, shard_samples=args.shard_samples)
     settings = IndexSettings()
 
     rows = []

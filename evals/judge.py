@@ -45,16 +45,14 @@ class Judge(nn.Module):
         self.config = config
         c1, c2 = config.channels
         pooled = config.cell_px // 4
+        # BatchNorm: the shape heads train in a few hundred steps instead of thousands.
+        conv = lambda cin, cout: (nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
         self.cell_net = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(c1, c1, 3, padding=1),
-            nn.ReLU(),
+            *conv(3, c1),
+            *conv(c1, c1),
             nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(c2, c2, 3, padding=1),
-            nn.ReLU(),
+            *conv(c1, c2),
+            *conv(c2, c2),
             nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Linear(c2 * pooled * pooled, config.cell_features),
