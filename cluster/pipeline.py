@@ -46,6 +46,7 @@ class PipelineSpec(BaseModel):
 
     name: str
     experiment: str = "tessera-pipeline"
+    max_parallel: int = Field(2, ge=1, description="stages running at once (each may start its own workers)")
     vars: dict[str, str] = Field(default_factory=dict, description="values for {name} in command lines")
     stages: dict[str, StageSpec]
 
@@ -233,7 +234,7 @@ def run(
     try:
         while pending or running:
             for name in [n for n in spec.order() if n in pending]:
-                if all(dep in done for dep in spec.stages[name].after):
+                if len(running) < spec.max_parallel and all(dep in done for dep in spec.stages[name].after):
                     pending.discard(name)
                     stage = by_name[name]
                     tags = {
