@@ -71,12 +71,14 @@ class JudgeLabeller:
     def __init__(self, checkpoint: str, judge_config: str) -> None:
         from evals.judge import load_judge, read_card
         from evals.judge_stage import JudgeStageConfig
+        from evals.run import judge_verdict_scope
         from trainer.inference import checkpoint_or_newest
 
         model = load_config(JudgeStageConfig, judge_config).model
         checkpoint = checkpoint_or_newest(checkpoint)
-        # Every attribute the judge was measured on must clear the evals' accuracy bar.
-        self.judge = load_judge(checkpoint, model, required=sorted(read_card(checkpoint)["heldout_accuracy"]))
+        # Refuses a judge below the evals' bar, and says which verdicts it may give, as `tessera eval` does.
+        self.small_shapes, _ = judge_verdict_scope(read_card(checkpoint))
+        self.judge = load_judge(checkpoint, model, required=[])
 
     def score(self, prompts: Sequence[str], images: torch.Tensor, ids: Sequence[str]) -> list[float]:
         from evals.alignment import parse_caption, score_image
@@ -85,7 +87,7 @@ class JudgeLabeller:
         verdicts = judge_images(self.judge, images)
         scores = []
         for prompt, scene, digit in zip(prompts, verdicts.scenes, verdicts.digits):
-            verdict = score_image(parse_caption(prompt), scene, digit)
+            verdict = score_image(parse_caption(prompt), scene, digit, small_shapes=self.small_shapes)
             scores.append(sum(verdict.values()) / len(verdict))
         return scores
 
