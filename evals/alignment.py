@@ -65,7 +65,6 @@ def _compile(template: str) -> re.Pattern[str]:
         "b": _object_pattern("b"),
         "c": _object_pattern("c"),
         "rel": f"(?P<rel>{_alternation(RELATION_OF_PHRASE)})",
-        "inv": f"(?P<inv>{_alternation(RELATION_OF_PHRASE)})",
         "where": f"(?P<where>{_alternation(WHERE)})",
         "digit": "(?P<digit>[0-9])",
         "word": f"(?P<word>{_alternation(digits.NUMBER_WORDS)})",
@@ -77,7 +76,9 @@ def _compile(template: str) -> re.Pattern[str]:
 
 @functools.cache
 def _grammar() -> list[re.Pattern[str]]:
-    pairs = list(synthetic.PAIR_TEMPLATES)
+    # "{b} {inv} {a}" writes exactly the text "{a} {rel} {b}" writes for the inverse relation, so it
+    # parses as that (the same requirement with the roles named the other way round); leave it out.
+    pairs = [template for template in synthetic.PAIR_TEMPLATES if "{inv}" not in template]
     templates = [
         *synthetic.SINGLE_TEMPLATES,
         *pairs,
@@ -106,11 +107,7 @@ def _requirements(groups: dict[str, str | None]) -> Requirements:
         for slot in "abc"
         if groups.get(f"{slot}_shape")
     )
-    relation = None
-    if groups.get("rel"):
-        relation = RELATION_OF_PHRASE[groups["rel"]]
-    elif groups.get("inv"):  # "{b} {inv} {a}": a is still the subject
-        relation = synthetic.INVERSE[RELATION_OF_PHRASE[groups["inv"]]]
+    relation = RELATION_OF_PHRASE[groups["rel"]] if groups.get("rel") else None
     position = WHERE[groups["where"]] if groups.get("where") else None
     return Requirements(objects=objects, position=position, relation=relation)
 
