@@ -10,6 +10,7 @@ different judge (card hash) means different features, so every shard is redone.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -40,7 +41,7 @@ class IndexSettings(BaseModel):
     phash_size: int = Field(8, ge=4)  # bits = phash_size**2
     ngram: int = Field(fingerprints.NGRAM, ge=1)
     minhash_perm: int = Field(128, ge=16)
-    judge: str | None = None  # the judge card's config hash, when features are indexed
+    judge: str | None = None  # sha256 of the judge's weights, when features are indexed (set by build_index)
 
 
 class IndexBuildError(RuntimeError):
@@ -164,6 +165,16 @@ def _index_task(url, dest, count, image_size, settings_json, judge_spec, strict)
     return {"samples": len(index), "rejects": dict(rejects), "seconds": time.perf_counter() - started}
 
 
+def judge_id(judge_spec: dict[str, Any] | None) -> str | None:
+    """sha256 over the judge's weights: features from another judge are other features."""
+    if judge_spec is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(judge_spec["state"].items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def index_dir(manifest: Manifest) -> str:
     return storage.join(storage.parent(manifest.location), INDEX_DIR)
 
@@ -185,6 +196,7 @@ def build_index(
 
     manifest = load_manifest(manifest_url)
     folder = index_dir(manifest)
+    settings = settings.model_copy(update={"judge": judge_id(judge_spec)})
     meta = read_index_meta(manifest)
     same_settings = meta.get("settings") == settings.model_dump(mode="json")
     done = meta.get("shards", {}) if same_settings else {}

@@ -70,6 +70,8 @@ def contamination_reports(config: EvalConfig, judge_spec: dict[str, Any] | None)
     for url in config.data.eval_manifests:
         evals, _ = load_index(url)
         reports[url] = check(train, evals, config.contamination)
+        if reports[url]["clean_samples"] == 0:
+            log.warning("%s: every eval sample overlaps the training data; its clean subset is empty", url)
         log.info(
             "contamination of %s against %s:\n%s", url, config.data.train_manifest, format_table(reports[url])
         )
