@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -150,9 +151,23 @@ def main(args: argparse.Namespace) -> int:
                 ["train", stage, "--config", f"configs/{stage}/tiny.toml", *data_overrides, *common],
             )
         run_evals(step, store, dataset, tokenizer, common)
+    grids = "".join(f"\n    {path}" for path in final_grids(default_tracking_uri()))
+    mlflow = Path(sys.executable).parent / "mlflow"
     print(
         f"\ndemo finished in {time.perf_counter() - started:.0f} s\n"
         f"  dataset:  {dataset} (manifest.json, shards, tokenizer.json)\n"
-        f"  MLflow:   mlflow ui --backend-store-uri {default_tracking_uri()}\n"
+        f"  MLflow:   {mlflow} ui --backend-store-uri {default_tracking_uri()}\n"
+        f"  final grids (dVAE: originals | reconstructions; DALL-E: samples above their prompts):{grids}\n"
     )
     return 0
+
+
+def final_grids(tracking_uri: str) -> list[Path]:
+    """The newest ``grids/step-*.png`` of every run in a local SQLite store's artifact folder."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return []
+    artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+    newest: dict[Path, Path] = {}
+    for path in sorted(artifacts.glob("**/artifacts/grids/step-*.png")):  # zero-padded: last = newest
+        newest[path.parents[2]] = path
+    return sorted(newest.values())
