@@ -202,13 +202,21 @@ def alignment(
     digit_guesses: list[int],
     *,
     small_shapes: bool = True,
+    digits: bool = True,
 ) -> dict[str, Any]:
-    """Alignment of judged images with their captions: groups ``all``, ``seen`` and ``heldout``."""
+    """Alignment of judged images with their captions: groups ``all``, ``seen`` and ``heldout``.
+
+    ``digits=False`` (a judge not measured or below the bar on digits) skips digit prompts; they are
+    counted under ``unjudged``.
+    """
     if not len(captions) == len(scenes) == len(digit_guesses):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} judged images")
     report = AlignmentReport()
     for caption, scene, digit in zip(captions, scenes, digit_guesses):
         required = parse_caption(caption)
+        if required.digit is not None and not digits:
+            report.add("unjudged", {"digit_prompt": False})
+            continue
         verdict = score_image(required, scene, digit, small_shapes=small_shapes)
         report.add("all", verdict)
         if required.digit is None:

@@ -85,8 +85,7 @@ def render_html(report: dict[str, Any], visuals: dict[str, dict[str, Any]], line
             [[k, v] for k, v in sorted(report["judge"]["heldout_accuracy"].items())],
         ),
     ]
-    if report["judge"].get("scope_note"):
-        parts.append(f"<p>{html.escape(report['judge']['scope_note'])}</p>")
+    parts += [f"<p>{html.escape(note)}</p>" for note in report["judge"]["scope_notes"]]
     for url, section in report["manifests"].items():
         contamination = report["contamination"][url]
         parts.append(f"<h2>Eval set {html.escape(url)}</h2><h3>Contamination</h3>")

@@ -78,22 +78,26 @@ def contamination_reports(config: EvalConfig, judge_spec: dict[str, Any] | None)
     return reports
 
 
-def judge_verdict_scope(card: dict[str, Any]) -> tuple[bool, str | None]:
-    """Whether small objects' shapes may be judged, and why not; refuses a judge below the bar otherwise."""
+def judge_verdict_scope(card: dict[str, Any]) -> tuple[dict[str, bool], list[str]]:
+    """Which optional verdicts the judge may give (small objects' shapes, digits) and why not.
+
+    Refuses (``JudgeRefused``) a judge below the bar on any other attribute it was measured on.
+    """
     accuracy = card["heldout_accuracy"]
-    required = [name for name in accuracy if name != "shape_small"]
-    weak = {name: accuracy[name] for name in required if accuracy[name] < ACCURACY_BAR}
+    optional = ("shape_small", "digit")
+    weak = {n: v for n, v in accuracy.items() if n not in optional and v < ACCURACY_BAR}
     if weak:
         raise JudgeRefused(
             f"judge held-out accuracy below the {ACCURACY_BAR:.0%} bar: {weak}; alignment is not reported"
         )
-    small = accuracy.get("shape_small", 0.0)
-    if small < ACCURACY_BAR:
-        return (
-            False,
-            f"small objects' shapes not judged: judge held-out accuracy {small:.4f} < {ACCURACY_BAR}",
-        )
-    return True, None
+    scope, notes = {}, []
+    for name, flag in zip(optional, ("small_shapes", "digits")):
+        value = accuracy.get(name)
+        scope[flag] = value is not None and value >= ACCURACY_BAR
+        if not scope[flag]:
+            measured = "not measured" if value is None else f"{value:.4f} < {ACCURACY_BAR}"
+            notes.append(f"{name} not judged: judge held-out accuracy {measured}")
+    return scope, notes
 
 
 def feature_extractor(config: EvalConfig, judge: Judge) -> FeatureExtractor:
@@ -154,7 +158,7 @@ def score_images(
     reference_features: np.ndarray,
     extractor: FeatureExtractor,
     judge: Judge | None,
-    small_shapes: bool,
+    scope: dict[str, bool],
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Alignment and FID/KID of ``images`` (one per eval caption), on all samples and on the clean ones."""
     features = extractor(images)
@@ -168,7 +172,7 @@ def score_images(
                 [evalset.captions[i] for i in rows],
                 [verdicts.scenes[i] for i in rows],
                 [verdicts.digits[i] for i in rows],
-                small_shapes=small_shapes,
+                **scope,
             )
         if len(rows) >= 2:
             entry.update(distribution_metrics(config, reference_features[rows], features[rows]))
@@ -231,11 +235,11 @@ def evaluate(
     judge_spec = {"model": judge.config.model_dump(mode="json"), "state": judge.state_dict()}
     contamination = contamination_reports(config, judge_spec)
     try:
-        small_shapes, scope_note = judge_verdict_scope(card)
+        scope, scope_notes = judge_verdict_scope(card)
         verdict_judge: Judge | None = judge
     except JudgeRefused as refusal:
         log.error("%s", refusal)
-        small_shapes, scope_note, verdict_judge = False, str(refusal), None
+        scope, scope_notes, verdict_judge = {}, [str(refusal)], None
     extractor = feature_extractor(config, judge)
     train_features = extractor(train_images)
     report: dict[str, Any] = {
@@ -243,7 +247,7 @@ def evaluate(
         "judge": {
             "heldout_accuracy": card["heldout_accuracy"],
             "bar": ACCURACY_BAR,
-            "scope_note": scope_note,
+            "scope_notes": scope_notes,
         },
         "features": config.features.extractor,
         "manifests": {},
@@ -259,14 +263,14 @@ def evaluate(
             "models": {},
         }
         data_scores, _ = score_images(
-            config, "data", evalset.images, evalset, reference, extractor, verdict_judge, small_shapes
+            config, "data", evalset.images, evalset, reference, extractor, verdict_judge, scope
         )
         section["data"] = data_scores
         for name, generate in generators.items():
             images = generate(evalset)
             subset = _first(evalset, len(images))
             scores, features = score_images(
-                config, name, images, subset, reference[: len(images)], extractor, verdict_judge, small_shapes
+                config, name, images, subset, reference[: len(images)], extractor, verdict_judge, scope
             )
             probe = memorisation(config, images, features, train_images, train_features)
             scores["memorisation"] = probe

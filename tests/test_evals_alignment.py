@@ -78,3 +78,24 @@ def test_wilson_interval_covers_like_scipy():
         low, high = wilson_interval(k, n)
         assert low == pytest.approx(expected.low, abs=1e-9)
         assert high == pytest.approx(expected.high, abs=1e-9)
+
+
+def test_unjudged_attributes_are_neither_scored_nor_matched():
+    """A judge below the bar on small shapes / digits: those verdicts are left out, not guessed."""
+    from dataclasses import replace
+
+    scene = generate_scene(7, 3, image_size=32)
+    while not any(o["size"] == "small" for o in scene.metadata["objects"]):
+        scene = generate_scene(7, scene.metadata["index"] + 1, image_size=32)
+    truth = scene_from_metadata(scene.metadata)
+    wrong = [
+        replace(o, shape="star" if o.shape != "star" else "circle") if o.size == "small" else o for o in truth
+    ]
+    strict = alignment([scene.caption], [wrong], [-1])
+    lenient = alignment([scene.caption], [wrong], [-1], small_shapes=False)
+    assert strict["all"]["prompt"]["accuracy"] == 0.0
+    assert lenient["all"]["prompt"]["accuracy"] == 1.0
+    assert "shape" not in lenient["all"] or lenient["all"]["shape"]["accuracy"] == 1.0
+    digits = alignment(["a handwritten 7", scene.caption], [[], truth], [7, -1], digits=False)
+    assert digits["unjudged"]["digit_prompt"]["total"] == 1
+    assert digits["all"]["prompt"]["total"] == 1
