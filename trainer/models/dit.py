@@ -51,6 +51,7 @@ class DiTBlock(nn.Module):
         self.self_attention = MultiHeadAttention(width, heads)
         self.norm_cross = nn.LayerNorm(width)
         self.cross_attention = MultiHeadAttention(width, heads, context_width)
+        zero_init(self.cross_attention.out)  # ungated branch: zero so the block starts as the identity
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         self.mlp = nn.Sequential(
             nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width)
