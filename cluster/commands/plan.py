@@ -43,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.config:
         print("tessera plan: --config is required (e.g. configs/dalle/dalle-12b.toml)", file=sys.stderr)
         return 2
+    with open(args.config) as handle:
+        if "[diffusion]" in handle.read():  # a latent diffusion preset: sized by its own census
+            return plan_diffusion(args)
     config = load_config(DalleStageConfig, args.config, args.overrides)
     inputs = PlanInputs(
         nodes=args.nodes,
@@ -61,3 +64,25 @@ def main(args: argparse.Namespace) -> int:
     result = plan(config.model, inputs)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0 if result.fits else 1
+
+
+def plan_diffusion(args: argparse.Namespace) -> int:
+    from cluster.diffusion_plan import plan_denoiser, table
+    from trainer.stages.diffusion import DiffusionStageConfig
+
+    config = load_config(DiffusionStageConfig, args.config, args.overrides)
+    inputs = PlanInputs(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu_memory_gb=args.gpu_memory_gb,
+        peak_tflops=args.peak_tflops,
+        mfu=args.mfu,
+        zero_stage=config.engine.zero_stage,
+        micro_batch=config.engine.micro_batch_size,
+        grad_accum=config.engine.grad_accum,
+        activation_checkpointing=config.engine.activation_checkpointing,
+        reserve_gb=args.reserve_gb,
+    )
+    result = plan_denoiser(config.model, inputs)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0 if result["fits"] else 1
