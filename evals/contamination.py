@@ -28,7 +28,7 @@ BLOCK = 1024  # rows per block in the pairwise searches: bounded memory for any 
 class CheckSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    phash_radius: int = Field(4, ge=0)
+    phash_radius: int = Field(2, ge=0)
     pixel_threshold: float = Field(0.97, gt=0, le=1)
     minhash_threshold: float = Field(0.7, gt=0, le=1)
     feature_threshold: float = Field(0.995, gt=0, le=1)
