@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -55,10 +56,16 @@ def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     return np.array([hash64(gram) for gram in caption_ngrams(text, n)], dtype=np.uint64)
 
 
+@functools.cache
+def _empty_minhash(num_perm: int, seed: int) -> MinHash:
+    """Drawing the permutations is half a MinHash's cost per caption: draw them once, copy after."""
+    return MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME)
+
+
 def minhash_signature(text: str, num_perm: int, seed: int = 1) -> np.ndarray:
     normal = normalise_text(text)
     shingles = {normal[i : i + SHINGLE] for i in range(max(1, len(normal) - SHINGLE + 1))}
-    signature = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME)
+    signature = _empty_minhash(num_perm, seed).copy()
     signature.update_batch([shingle.encode() for shingle in shingles])
     return signature.hashvalues.astype(np.uint64)
 
