@@ -27,6 +27,8 @@ from evals.scenes import CELLS, COLOUR_NAMES, SIZE_NAMES, SceneObject, scene_fro
 # Every attribute the judge reports must reach this held-out accuracy before any verdict is used.
 ACCURACY_BAR = 0.98
 CARD_NAME = "judge.json"
+# Bumped whenever the network changes in a way its config does not show (2: BatchNorm).
+JUDGE_FORMAT = "tessera-judge/2"
 
 
 class JudgeModelConfig(BaseModel):
@@ -140,7 +142,7 @@ class JudgeRefused(ValueError):
 def write_card(checkpoint: str, model: JudgeModelConfig, accuracy: dict[str, float], config_hash: str) -> str:
     """``judge.json`` inside the checkpoint folder: config, vocabulary and held-out accuracy."""
     card = {
-        "format": "tessera-judge/1",
+        "format": JUDGE_FORMAT,
         "model": model.model_dump(mode="json"),
         "vocabulary": vocabulary(),
         "heldout_accuracy": accuracy,
@@ -162,7 +164,13 @@ def read_card(checkpoint: str) -> dict[str, Any]:
 
 def check_card(card: dict[str, Any], expected: JudgeModelConfig, required: list[str]) -> None:
     """Refuse a judge built from another config or vocabulary, or one below the bar on ``required``."""
-    problems = [
+    found = card.get("format")
+    problems = (
+        []
+        if found == JUDGE_FORMAT
+        else [f"format: checkpoint has {found!r}, this code reads {JUDGE_FORMAT!r}"]
+    )
+    problems += [
         f"model.{name}: checkpoint has {card['model'].get(name)!r}, config says {value!r}"
         for name, value in expected.model_dump(mode="json").items()
         if card["model"].get(name) != value
