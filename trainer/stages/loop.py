@@ -19,6 +19,7 @@ import torch
 
 from data_pipeline.loader import open_loader
 from data_pipeline.manifest import load_manifest
+from data_pipeline.step_ledger import StepLedgerWriter
 from data_pipeline.storage import join
 from trainer.checkpoint import Checkpointer
 from trainer.config import config_hash
@@ -181,6 +182,8 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
         summary["checkpoint"] = url
         return url
 
+    # Which samples each applied step consumed, per rank: proves exactly-once delivery across restarts.
+    ledger = StepLedgerWriter(run_dir_of(config), engine.rank, resumed_from_step=engine.step)
     total = config.engine.total_steps
     progress = _Progress(total, engine.step)
     eval_every = run.eval_every or run.checkpoint_every
@@ -203,6 +206,7 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
                 url = save()  # the weights are the last good step's; so are the metrics
                 log.error("stopping: last good state saved at %s", url)
                 raise
+            ledger.record(result.step, loader.epoch, batch)  # after the update: a crash mid-step logs nothing
             if tracker is not None and (result.step % run.log_every == 0 or result.step == total):
                 metrics = result.log_metrics()
                 metrics["nonfinite_skips"] = engine.nonfinite_total
@@ -217,6 +221,7 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
             waited = time.perf_counter()
         status = "FINISHED"
     finally:
+        ledger.close()
         if tracker is not None:
             summary["mlflow_run_id"] = tracker.run_id
             tracker.close(status)
