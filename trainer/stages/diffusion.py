@@ -5,7 +5,7 @@ its measured scale factor) -> caption dropout (the unconditional model guidance 
 noise per sample -> eps or v MSE (optionally min-SNR-gamma) through ``trainer.engine`` -> EMA of the
 weights (inside the module, so it is checkpointed and resumed with them) -> MLflow: validation losses
 of the raw and EMA weights, and a grid of EMA samples for the held-out prompts, one row per guidance
-scale, with the samples' pixel statistics against the data's.
+scale, with the samples' pixel statistics against the data's (as the autoencoder decodes real latents).
 """
 
 from __future__ import annotations
@@ -180,6 +180,9 @@ def make_evaluate(
         "text": validation["text"],
         "valid": validation["valid"],
     }
+    # What a perfect denoiser would give through this autoencoder: the decodes of real latents. Sample
+    # statistics are compared with these, so the metric measures the denoiser, not the autoencoder.
+    reference = autoencoder.decode(fixed["latents"].to(next(autoencoder.parameters()).device)).float().cpu()
     fixed["t"] = torch.randint(0, schedule.num_steps, (images.shape[0],), generator=generator)
     fixed["noise"] = torch.randn(fixed["latents"].shape, generator=generator)
 
@@ -210,7 +213,7 @@ def make_evaluate(
                         seed=section.sample_seed,
                         dtype=engine.dtype,
                     )
-                    metrics[f"sample_pixel_gap_w{scale:g}"] = pixel_stat_gap(drawn, images)
+                    metrics[f"sample_pixel_gap_w{scale:g}"] = pixel_stat_gap(drawn, reference)
                     rows.append(drawn)
         module.train()
         return metrics, torch.cat(rows)  # one row per guidance scale
