@@ -23,22 +23,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from bench.sampling import device_name
-from cluster.config import load_config
-from cluster.stage_inputs import resolve_stage_inputs
-from trainer.config import EngineConfig
-from trainer.diffusion import NoiseSchedule, sample
-from trainer.diffusion.ema import WithEMA
-from trainer.diffusion.inference import generate, load_denoiser, load_frozen_autoencoder
-from trainer.engine import Engine
-from trainer.inference import resolve_checkpoint
-from trainer.models import build, count_parameters
-from trainer.stages.diffusion import DiffusionStageConfig, make_loss_fn, pixel_stat_gap, sample_prompts
-from trainer.stages.loop import checkpoint_dir_of, fixed_validation_batch
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/diffusion_sampling.py` imports its sibling bench.sampling
+
+import torch  # noqa: E402
+
+from bench.sampling import device_name  # noqa: E402
+from cluster.config import load_config  # noqa: E402
+from cluster.stage_inputs import resolve_stage_inputs  # noqa: E402
+from trainer.config import EngineConfig  # noqa: E402
+from trainer.diffusion import NoiseSchedule, sample  # noqa: E402
+from trainer.diffusion.ema import WithEMA  # noqa: E402
+from trainer.diffusion.inference import generate, load_denoiser, load_frozen_autoencoder  # noqa: E402
+from trainer.engine import Engine  # noqa: E402
+from trainer.inference import resolve_checkpoint  # noqa: E402
+from trainer.models import build, count_parameters  # noqa: E402
+from trainer.stages.diffusion import DiffusionStageConfig, make_loss_fn, pixel_stat_gap, sample_prompts  # noqa: E402
+from trainer.stages.loop import checkpoint_dir_of, fixed_validation_batch  # noqa: E402
+
 SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpmpp", 20)]
 DATA_MEAN, DATA_STD = 0.7, 0.4
 
