@@ -6,7 +6,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
+from cluster import environment
 from cluster.config import ConfigError
 
 # Sub-command modules, each exposing ``register(subparsers)``; imported lazily so ``tessera --help``
@@ -56,13 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tessera", description="Distributed training of text-to-image models on Ray + DeepSpeed."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of a path, storage or config error"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+# Errors a user fixes by changing a path, a URL, a permission or a config field: one line, exit 2.
+# (module, class) pairs are looked up only if that module was imported: nothing heavy loads here.
+USER_ERRORS = (
+    ("data_pipeline.manifest", "ManifestError"),
+    ("trainer.checkpoint", "CheckpointError"),
+    ("botocore.exceptions", "BotoCoreError"),
+    ("aiohttp", "ClientError"),
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A missing or unwritable path, an unreachable object store, a bad manifest or checkpoint."""
+    types = [OSError]
+    for module, name in USER_ERRORS:
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return isinstance(exc, tuple(types))
+
+
 def main(argv: list[str] | None = None) -> int:
+    environment.configure()  # before any command imports torch, DeepSpeed or Ray
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -72,7 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"tessera: config error:\n{exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        # str(exc) of a retried storage call lacks the note saying how long it was retried: add it.
+        detail = "; ".join([str(exc) or type(exc).__name__, *getattr(exc, "__notes__", [])]).replace(
+            "\n", " "
+        )
+        print(
+            f"tessera: {type(exc).__name__}: {detail}" + ("" if args.debug else " (--debug: traceback)"),
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -9,7 +9,9 @@ group Ray Train created). Rank 0's return value comes back to the caller.
 - ``torchrun``: spawn ``num_workers`` local ranks (``python -m torch.distributed.run``) on a free
   master port, each re-entering this module with the function's import path and the config as JSON.
 - ``ray``: a ``ray.train.torch.TorchTrainer`` with ``num_workers`` workers (gloo on CPU, NCCL on GPU)
-  on a local Ray or an existing cluster (``ray_address``).
+  on a local Ray or an existing cluster (``ray_address``). Rank 0's result comes back as the train
+  function's return value through Ray, not through files: a driver joining a remote cluster does not
+  share its run folder with the workers.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from data_pipeline.storage import CREDENTIAL_ENV
+from data_pipeline import storage
 
 TrainFn = Callable[[Any], dict[str, Any] | None]
 Mode = Literal["process", "torchrun", "ray"]
 RESULT_FILE = "result.json"
 # What a CPU rank needs before torch/DeepSpeed import; a launcher's own values win.
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-WORKER_ENV = (*CREDENTIAL_ENV, "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR", *CPU_ENV)
+WORKER_ENV = ("MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR", *CPU_ENV)
 
 
 def _cuda() -> bool:
@@ -60,6 +62,7 @@ def _worker_env() -> dict[str, str]:
 
     env = {} if _cuda() else dict(CPU_ENV)
     env.update({name: os.environ[name] for name in WORKER_ENV if name in os.environ})
+    env.update(storage.ray_task_env())  # object-store secrets only on request: Ray logs runtime_env
     # Workers do not start in this directory: pin the driver's default MLflow store for them.
     env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
     return env
@@ -124,17 +127,10 @@ def _worker_main(fn_ref: str, schema_ref: str, config_path: str, result_path: st
         Path(result_path).write_text(json.dumps(result, default=str))
 
 
-def _ray_worker(loop_config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker: train, then rank 0 reports the result as a tiny checkpoint."""
-    import ray.train
-
+def _ray_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Body of each Ray Train worker; Ray hands rank 0's return value to the driver (plain JSON types)."""
     result = loop_config["train_fn"](loop_config["config"])
-    if ray.train.get_context().get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, RESULT_FILE).write_text(json.dumps(result or {}, default=str))
-            ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    else:
-        ray.train.report({"done": 1})
+    return None if result is None else json.loads(json.dumps(result, default=str))
 
 
 def _launch_ray(
@@ -154,18 +150,15 @@ def _launch_ray(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"tessera-{uuid.uuid4().hex[:8]}",
+            # Ray's own run state only: nothing of ours is written there or read back.
             storage_path=os.path.abspath(storage_path or tempfile.gettempdir()),
-            # Credentials travel as env vars, not arguments, so they stay out of Ray's task table.
             worker_runtime_env={"env_vars": _worker_env()},
         ),
     )
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        return None
-    with result.checkpoint.as_directory() as folder:
-        return json.loads(Path(folder, RESULT_FILE).read_text())
+    return result.return_value
 
 
 if __name__ == "__main__":

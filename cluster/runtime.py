@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
 
-# Ray reads these at import time: advertise loopback for a local cluster and let `ray job submit`
-# work without a token on a developer box. A real cluster's settings override them.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from cluster import environment
+from data_pipeline import storage
 
-import ray  # noqa: E402
-
-from data_pipeline.storage import CREDENTIAL_ENV  # noqa: E402
+log = logging.getLogger(__name__)
 
 # Environment a worker process needs to reach the same object store and MLflow server as the driver.
+# Secrets are in it only on request (data_pipeline.storage.ray_task_env).
 FORWARDED_ENV = (
-    *CREDENTIAL_ENV,
     "MLFLOW_TRACKING_URI",
     "DS_ACCELERATOR",
     "OMP_NUM_THREADS",
@@ -26,17 +23,34 @@ FORWARDED_ENV = (
 )
 
 
-def init_ray(address: str = "local", num_cpus: int | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Start (``"local"``) or join (``"auto"``, ``ray://host:10001``) a Ray cluster once per process.
+def worker_env() -> dict[str, str]:
+    """``runtime_env`` env vars for every worker: the settings above plus ``storage.ray_task_env()``.
 
-    Credentials travel to workers through ``runtime_env`` env vars, never through task arguments,
-    so they do not show up in the Ray dashboard's task table.
+    Ray writes these in plain text to its logs and job table, so object-store secrets are left out
+    unless ``TESSERA_FORWARD_CREDENTIALS=1`` (warned about here): a local cluster inherits this
+    process's environment, and cluster nodes get credentials from their own.
     """
+    if storage.forwards_secrets():
+        log.warning(
+            "%s=1: object-store credentials go to Ray workers through runtime_env, which Ray writes in "
+            "plain text to its logs (runtime_env_agent.log) and job table",
+            storage.FORWARD_SECRETS_ENV,
+        )
+    return {
+        **{name: os.environ[name] for name in FORWARDED_ENV if name in os.environ},
+        **storage.ray_task_env(),
+    }
+
+
+def init_ray(address: str = "local", num_cpus: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Start (``"local"``) or join (``"auto"``, ``ray://host:10001``) a Ray cluster once per process."""
+    environment.configure()  # before Ray is imported: it reads some settings at import
+    import ray
+
     if ray.is_initialized():
         return ray.cluster_resources()
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     options: dict[str, Any] = {
-        "runtime_env": {"env_vars": env_vars},
+        "runtime_env": {"env_vars": worker_env()},
         "include_dashboard": False,
         "log_to_driver": True,
         **kwargs,
@@ -53,5 +67,7 @@ def init_ray(address: str = "local", num_cpus: int | None = None, **kwargs: Any)
 
 
 def shutdown_ray() -> None:
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()

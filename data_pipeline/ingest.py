@@ -202,7 +202,7 @@ def _run_partitions(
 ) -> dict[int, dict[str, Any]]:
     owners = {digest: (p, index) for p, marker in done.items() for digest, index in marker["hashes"].items()}
     registry = HashRegistry.remote(owners)
-    task = _ingest_partition.options(runtime_env={"env_vars": storage.credential_env()})
+    task = _ingest_partition.options(runtime_env={"env_vars": storage.ray_task_env()})
     pending = {
         task.remote(source, part, config, fp, registry): part.index
         for part in parts

@@ -101,11 +101,30 @@ def retrying(operation: Callable[[], T], what: str) -> T:
             attempt += 1
 
 
-def credential_env() -> dict[str, str]:
-    """The object-store variables of this process, for a Ray task's ``runtime_env``.
+# The secrets among them: forwarded through Ray's runtime_env only on request (Ray writes runtime_env
+# env vars in plain text to its runtime_env_agent.log and job table).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+FORWARD_SECRETS_ENV = "TESSERA_FORWARD_CREDENTIALS"
 
-    Passing them per task (``fn.options(runtime_env={"env_vars": credential_env()})``) rather than
-    once at ``ray.init`` means a driver that switches stores mid-process still reaches the right one.
+
+def forwards_secrets() -> bool:
+    return os.environ.get(FORWARD_SECRETS_ENV, "").lower() in ("1", "true", "yes")
+
+
+def ray_task_env() -> dict[str, str]:
+    """The object-store variables a Ray task gets through ``runtime_env``: the endpoint and retry
+    deadline always, the secrets only with ``TESSERA_FORWARD_CREDENTIALS=1``. Without it, workers use
+    their own environment: a local Ray inherits the driver's, cluster nodes have theirs (a Kubernetes
+    Secret, an instance role)."""
+    secrets = forwards_secrets()
+    return {name: value for name, value in credential_env().items() if secrets or name not in SECRET_ENV}
+
+
+def credential_env() -> dict[str, str]:
+    """The object-store variables of this process, secrets included (see ``ray_task_env``).
+
+    Ray tasks get them per task (``fn.options(runtime_env={"env_vars": ray_task_env()})``) rather than
+    once at ``ray.init``, so a driver that switches stores mid-process still reaches the right one.
     """
     return {name: os.environ[name] for name in CREDENTIAL_ENV if name in os.environ}
 

@@ -46,7 +46,7 @@ def shard_problems(entries: list[ShardEntry], urls: list[str]) -> dict[str, str]
     problems = listing_problems(entries, urls)
     todo = [(entry, url) for entry, url in zip(entries, urls, strict=True) if entry.name not in problems]
     chunks = [todo[i : i + SHARDS_PER_TASK] for i in range(0, len(todo), SHARDS_PER_TASK)]
-    task = _digests.options(runtime_env={"env_vars": storage.credential_env()})
+    task = _digests.options(runtime_env={"env_vars": storage.ray_task_env()})
     refs = [task.remote([url for _, url in chunk]) for chunk in chunks]
     for chunk, ref in zip(chunks, refs, strict=True):
         for (entry, _), result in zip(chunk, ray.get(ref), strict=True):

@@ -21,6 +21,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tessera-torch-extensions"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their store explicitly
+# The s3 fixtures switch throw-away credentials per test after the session's Ray cluster started, so its
+# tasks need them forwarded (users opt in the same way; test_runtime checks the default forwards none).
+os.environ.setdefault("TESSERA_FORWARD_CREDENTIALS", "1")
 
 from tests.services import MlflowServer, S3Store, start_ceph, start_moto, stop_pids  # noqa: E402
 

@@ -69,3 +69,33 @@ def test_override_parsing(tmp_path):
         parse_override("novalue")
     with pytest.raises(ConfigError, match="is a value"):
         load_config(Demo, write(tmp_path, 'name = "x"\n'), ["name.sub=1"])
+
+
+def test_unknown_field_suggests_the_nearest(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(Demo, None, ["optim.lrr=1", "stesp=3", "optim.zzzz=1"])
+    message = str(info.value)
+    assert "field 'optim.lrr': unknown field; did you mean optim.lr?" in message
+    assert "field 'stesp': unknown field; did you mean steps?" in message
+    # Nothing close: no guess rather than a wrong one.
+    assert "field 'optim.zzzz': unknown field (got 1)" in message
+
+
+def test_describe_fields_lists_every_leaf_with_default_and_comment():
+    from cluster.config import describe_fields
+    from trainer.stages.dvae import CONFIG
+
+    lines = list(describe_fields(CONFIG))
+    assert "engine.lr = 0.0003" in lines
+    assert "data.manifest = (required)  # URL of a manifest.json written by `tessera ingest`" in lines
+    assert any(line.startswith("run.best_metric = None  # Also keep the checkpoint") for line in lines)
+
+    def leaves(schema, prefix=""):
+        for name, field in schema.model_fields.items():
+            nested = field.annotation
+            if isinstance(nested, type) and issubclass(nested, BaseModel):
+                yield from leaves(nested, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+
+    assert [line.split(" = ")[0] for line in lines] == list(leaves(CONFIG))

@@ -30,6 +30,11 @@ def test_ray_train_zero2_checkpoints_to_ceph_and_resumes(ray_local, s3_ceph, syn
         storage_path=str(tmp_path / "ray"),
     )
     assert first["world_size"] == 2 and first["steps"] == 4 and first["resumed_from"] is None
+    # Rank 0's result came back through Ray, not through a file in the driver's run folder (a driver
+    # joining a remote cluster shares no folder with the workers).
+    assert not [
+        path for path in (tmp_path / "ray").rglob("*") if path.name in ("result.json", "checkpoint.pkl")
+    ]
     assert [info.step for info in list_checkpoints(checkpoints)] == [2, 4]
 
     second = launch(

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -64,6 +65,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss was NaN/inf for ``max_nonfinite_in_a_row`` optimizer steps in a row."""
 
 
+# DeepSpeed's shared-memory comm op: compiled on CPU at the first init_distributed, a world of one included.
+COMM_OP = "deepspeed_shm_comm"
+
+
+def comm_op_built() -> bool:
+    """Whether torch's extension cache holds the compiled comm op (else the next start compiles it)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return any(folder.glob(f"**/{COMM_OP}/{COMM_OP}*.so"))
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, with no launcher around, create) the process group; returns ``(rank, world_size)``.
 
@@ -75,6 +88,11 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the world of one talks over loopback
+    if not torch.cuda.is_available() and not comm_op_built():
+        log.warning(
+            "DeepSpeed compiles its CPU comm op into %s now: once, ~1 min (make install prebuilds it)",
+            os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default extension folder"),
+        )
     # Idempotent; wraps a process group Ray Train already created instead of making a second one.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():

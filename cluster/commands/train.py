@@ -8,7 +8,7 @@ import json
 import os
 
 from cluster.cli import add_common_args
-from cluster.config import load_config
+from cluster.config import describe_fields, load_config
 from cluster.stage_inputs import resolve_stage_inputs
 
 # Stage name -> module exposing CONFIG (its pydantic schema) and train(config) -> summary dict.
@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "torchrun: spawn --num-workers local ranks; ray: Ray Train on --ray-address",
     )
     parser.add_argument("--num-workers", type=int, default=1, help="ranks for torchrun / Ray Train")
+    parser.add_argument(
+        "--help-config", action="store_true", help="list every config field of the stage with its default"
+    )
     # Each run gets its own folder (runs/<run.name>) unless the file or --run-dir names one: two stages
     # sharing a folder would resume from each other's checkpoints.
     parser.set_defaults(func=main, run_dir=None)
@@ -69,9 +72,14 @@ def _absolute(url: str | None) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print("\n".join(describe_fields(importlib.import_module(STAGES[args.stage]).CONFIG)))
+        return 0
     from cluster.launch import launch
+    from cluster.preflight import check_training_inputs
 
     module, config = load_stage_config(args)
+    check_training_inputs(config)  # seconds, before DeepSpeed or Ray start
     if getattr(module, "DRIVES_RAY", False):  # a driver that places its own actors (PPO)
         from cluster.runtime import init_ray
 
