@@ -76,8 +76,14 @@ def launch(
     num_workers: int = 1,
     ray_address: str = "local",
     storage_path: str | None = None,
+    max_failures: int = 0,
 ) -> dict[str, Any] | None:
-    """Run ``train_fn(config)`` on ``num_workers`` ranks; returns rank 0's result."""
+    """Run ``train_fn(config)`` on ``num_workers`` ranks; returns rank 0's result.
+
+    ``max_failures`` (Ray only): how many times a failed worker group (a rank's process or node died)
+    is restarted; each restart calls ``train_fn`` again, which resumes from the newest checkpoint
+    when the config says ``run.resume = "auto"``.
+    """
     if mode == "process":
         for name, value in ({} if _cuda() else CPU_ENV).items():
             os.environ.setdefault(name, value)
@@ -85,7 +91,7 @@ def launch(
     if mode == "torchrun":
         return _launch_torchrun(train_fn, config, num_workers)
     if mode == "ray":
-        return _launch_ray(train_fn, config, num_workers, ray_address, storage_path)
+        return _launch_ray(train_fn, config, num_workers, ray_address, storage_path, max_failures)
     raise ValueError(f"unknown launch mode {mode!r}: use process, torchrun or ray")
 
 
@@ -134,9 +140,14 @@ def _ray_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _launch_ray(
-    train_fn: TrainFn, config: BaseModel, num_workers: int, ray_address: str, storage_path: str | None
+    train_fn: TrainFn,
+    config: BaseModel,
+    num_workers: int,
+    ray_address: str,
+    storage_path: str | None,
+    max_failures: int,
 ) -> dict[str, Any] | None:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.runtime import init_ray
@@ -153,6 +164,7 @@ def _launch_ray(
             # Ray's own run state only: nothing of ours is written there or read back.
             storage_path=os.path.abspath(storage_path or tempfile.gettempdir()),
             worker_runtime_env={"env_vars": _worker_env()},
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     result = trainer.fit()

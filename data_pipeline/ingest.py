@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 from PIL import Image
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from data_pipeline import storage
@@ -201,7 +202,10 @@ def _run_partitions(
     source: Source, parts: list[Partition], config: IngestConfig, fp: str, done: dict[int, dict[str, Any]]
 ) -> dict[int, dict[str, Any]]:
     owners = {digest: (p, index) for p, marker in done.items() for digest, index in marker["hashes"].items()}
-    registry = HashRegistry.remote(owners)
+    # On the driver's node: a worker node that dies must not take the dedup state with it (its
+    # partitions' tasks are retried elsewhere, Ray's default max_retries=3 for a lost worker or node).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    registry = HashRegistry.options(scheduling_strategy=here).remote(owners)
     task = _ingest_partition.options(runtime_env={"env_vars": storage.ray_task_env()})
     pending = {
         task.remote(source, part, config, fp, registry): part.index

@@ -31,6 +31,8 @@ class RunConfig(BaseModel):
     best_metric: str | None = None
     best_mode: Literal["min", "max"] = "min"
     resume: str = "auto"  # "auto" | "never" | a checkpoint path or URL
+    # Ray launcher: restarts of a failed worker group; each resumes per `resume` ("auto": newest checkpoint).
+    max_failures: int = Field(2, ge=0)
     checkpoint_dir: str | None = None  # local path or s3:// URL; default <run_dir>/checkpoints
     max_nonfinite_in_a_row: int = Field(5, ge=1)
     peak_tflops: float | None = Field(None, gt=0)  # per device; overrides the known-device table

@@ -91,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         ray_address=args.ray_address,
         storage_path=config.run.run_dir,
+        max_failures=config.run.max_failures,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
