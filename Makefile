@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tessera-installed
 TORCH_CPU_VERSION ?= 2.13.0
+# Where a CPU-only box gets that torch wheel: empty = pip's default index (PyPI). Without a local CPU
+# wheel set it to PyTorch's CPU index, e.g. make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (GPU installs ignore it).
+TORCH_INDEX_URL ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CEPH_PACKAGES := radosgw ceph-mon ceph-osd
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/tessera-torch-extensions
@@ -19,8 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null; then $(PY) -m pip install -q torch; \
-	  else $(PY) -m pip install -q torch==$(TORCH_CPU_VERSION); fi; fi
+	  else $(PY) -m pip install -q torch==$(TORCH_CPU_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); fi; fi
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m cluster.environment  # DeepSpeed's CPU comm op, built once into TORCH_EXTENSIONS_DIR
 	touch $(STAMP)
 
 # Debian's Ceph packages give the tests a real S3 server (RADOS Gateway).
