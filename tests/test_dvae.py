@@ -211,34 +211,46 @@ def tiny_config(manifest: str, run_dir, **overrides):
     return load_config(stage.CONFIG, "configs/dvae/tiny.toml", items)
 
 
-def test_tiny_dvae_learns(synthetic_32, tmp_path):
-    """Loss falls and hard-code reconstruction PSNR on the fixed validation batch rises >= 3 dB."""
+def test_tiny_dvae_uses_its_codebook_and_reconstructs(synthetic_32, tmp_path):
+    """The tiny preset's codes carry the image: most of the codebook in use and PSNR from hard codes
+    well above the mean-image level a collapsed codebook is stuck at.
+
+    Measured at these settings (100 steps, batch 16, 8 validation scenes = 512 code positions): the
+    preset 18.7 dB, perplexity 57, 65% of codes in use, busiest code 6% of positions; the same run
+    without data-initialised logits and the usage term (the collapse) 16.5 dB, perplexity 1.0, one
+    code at every position. The bars sit between the two with room for run-to-run noise.
+    """
     config = tiny_config(
         synthetic_32,
         tmp_path / "run",
         **{
             "engine.micro_batch_size": 16,
-            "engine.total_steps": 60,
+            "engine.total_steps": 100,
             "engine.warmup_steps": 5,
-            "run.eval_every": 30,
-            "run.checkpoint_every": 30,
+            "run.eval_every": 50,
+            "run.checkpoint_every": 50,
             "run.log_every": 10,
-            "dvae.kl_warmup_steps": 30,
-            "dvae.temperature_anneal_steps": 60,
+            "dvae.kl_warmup_steps": 50,
+            "dvae.temperature_anneal_steps": 100,
         },
     )
     summary = stage.train(config)
-    assert summary["steps"] == 60 and summary["nonfinite_skips"] == 0
-    gain = summary["last_eval"]["val_psnr"] - summary["first_eval"]["val_psnr"]
-    assert gain >= 3.0, summary
+    assert summary["steps"] == 100 and summary["nonfinite_skips"] == 0
+    last = summary["last_eval"]
+    assert last["val_psnr"] >= 17.8, summary
+    assert last["val_psnr"] - summary["first_eval"]["val_psnr"] >= 6.0, summary
+    assert last["codebook_perplexity"] >= 30 and last["dead_code_fraction"] <= 0.55, summary
+    assert last["top_code_share"] <= 0.15, summary
     client_uri = f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
     run = read_run(client_uri, summary["mlflow_run_id"])
     history = [m.value for m in MlflowClient(client_uri).get_metric_history(summary["mlflow_run_id"], "loss")]
-    assert len(history) == 6 and history[-1] < history[0]
+    assert len(history) == 10 and history[-1] < history[0]
     for key in (
         "val_psnr",
         "codebook_perplexity",
         "dead_code_fraction",
+        "top_code_share",
+        "codes_for_half",
         "samples_per_s",
         "tflops",
         "grad_norm",
@@ -246,9 +258,9 @@ def test_tiny_dvae_learns(synthetic_32, tmp_path):
         assert key in run.data.metrics, key
     assert "mfu" not in run.data.metrics  # CPU, no configured peak: MFU is left out
     assert run.data.params["lineage.manifest_sha256"] and run.data.params["engine.zero_stage"] == "0"
-    assert run.data.tags["checkpoint.latest"].endswith("step-000000060")
+    assert run.data.tags["checkpoint.latest"].endswith("step-000000100")
     grids = list_artifacts(client_uri, summary["mlflow_run_id"], "grids")
-    assert "grids/step-0000060.png" in grids
+    assert "grids/step-0000100.png" in grids
 
 
 def test_nonfinite_streak_stops_with_loadable_last_good_state(synthetic_32, tmp_path, monkeypatch):
