@@ -1,5 +1,8 @@
 """Existing image+caption data: a folder of ``x.jpg`` + ``x.txt``, img2dataset WebDataset shards, parquet.
 
+img2dataset's three output formats all ingest: ``webdataset`` (tars), ``parquet`` (image bytes in the
+rows) and the default ``files`` (numbered folders of jpg/txt/json with a metadata parquet beside each).
+
 Images are handed to ingestion still encoded, so a file that does not decode is a counted reject.
 Anything a hostile or damaged file can do (names escaping the directory, links, a shard cut short)
 becomes a :class:`Rejected` record rather than an exception, so one bad file loses only itself.
@@ -96,10 +99,12 @@ def detect_kind(files: list[str], spec: str) -> str:
     extensions = {_extension(f) for f in files}
     if "tar" in extensions:
         return "wds"
-    if "parquet" in extensions:
-        return "parquet"
+    # Loose images win over parquet: img2dataset's default `files` output puts a metadata .parquet
+    # (urls, captions, status; no image bytes) beside each folder of images.
     if extensions & set(IMAGE_EXTENSIONS):
         return "folder"
+    if "parquet" in extensions:
+        return "parquet"
     raise ValueError(
         f"source {spec!r}: found no *.tar shards, *.parquet files or images "
         f"({', '.join(IMAGE_EXTENSIONS)}); extensions seen: {sorted(extensions) or 'none'}"
