@@ -13,6 +13,7 @@ from typing import Any
 from data_pipeline import storage
 from data_pipeline.manifest import load_manifest
 
+BUILTIN_SOURCES = ("synthetic", "digits")  # generated, not read
 # Fields naming another run's checkpoint that the stage loads (after ``resolve_stage_inputs``).
 UPSTREAM_CHECKPOINTS = (("dalle", "dvae_checkpoint"), ("diffusion", "autoencoder_checkpoint"))
 
@@ -56,3 +57,11 @@ def check_training_inputs(config: Any) -> None:
     require_writable(run.run_dir, "run.run_dir")
     if run.checkpoint_dir:
         require_writable(run.checkpoint_dir, "run.checkpoint_dir")
+
+
+def check_ingest_paths(config: Any) -> None:
+    """``tessera ingest``'s source exists and its destination is writable, checked before Ray starts."""
+    if config.source not in BUILTIN_SOURCES and not any(char in config.source for char in "*?["):
+        require(config.source, "ingest.source")
+    if config.dest:
+        require_writable(config.dest, "ingest.dest")

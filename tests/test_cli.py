@@ -116,3 +116,23 @@ def test_makefile_torch_index_is_a_choice_for_cpu_installs_only():
     assert len(chosen) == 1 and f"torch==2.13.0 --index-url {index}" in chosen[0]
     assert "then .venv/bin/python -m pip install -q torch; " in recipe(f"TORCH_INDEX_URL={index}")  # GPU
     assert "--index-url" not in recipe()  # default: pip's own index
+
+
+def test_ingest_checks_source_and_destination_before_ray(tmp_path, monkeypatch, capsys):
+    import cluster.runtime
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray started before the ingest paths were checked")
+
+    monkeypatch.setattr(cluster.runtime, "init_ray", started)
+    assert cli.main(["ingest", "--source", str(tmp_path / "photos"), "--dest", str(tmp_path / "ds")]) == 2
+    assert one_line(capsys).startswith(
+        f"tessera: FileNotFoundError: ingest.source: {tmp_path}/photos does not exist"
+    )
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "file").write_text("")
+    assert (
+        cli.main(["ingest", "--source", str(tmp_path / "photos"), "--dest", str(tmp_path / "file" / "ds")])
+        == 2
+    )
+    assert one_line(capsys).startswith("tessera: PermissionError: ingest.dest: cannot create")

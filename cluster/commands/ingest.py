@@ -53,10 +53,12 @@ def load(args: argparse.Namespace) -> DataPrepConfig:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the ingest and return its summary (the demo logs it to MLflow)."""
+    from cluster.preflight import check_ingest_paths
     from cluster.runtime import init_ray
     from data_pipeline.ingest import ingest_config
 
     config = load(args).ingest
+    check_ingest_paths(config)  # seconds, before Ray starts
     init_ray(args.ray_address)
     manifest = ingest_config(config)
     summary = manifest.summary()
