@@ -27,6 +27,7 @@ def test_tiny_latent_diffusion_learns_and_samples(tmp_path, monkeypatch):
     from trainer.stages import autoencoder, diffusion
 
     monkeypatch.chdir(REPO)  # the presets name each other by repo-relative path
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = write_synthetic(tmp_path / "data")
     tokenizer = train_tokenizer(data, vocab_size=256)
     common = [f"data.manifest='{data}'", "data.num_workers=0", "run.log_every=10"]
@@ -71,7 +72,7 @@ def test_tiny_latent_diffusion_learns_and_samples(tmp_path, monkeypatch):
     summary = diffusion.train(config)
     first, last = summary["first_eval"], summary["last_eval"]
     assert summary["steps"] == 80 and summary["nonfinite_skips"] == 0
-    uri = default_tracking_uri(run_dir)
+    uri = default_tracking_uri()
     losses = [m.value for m in MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "loss")]
     assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses  # eps-MSE starts near 1 (untrained output 0)
     assert last["val_loss_ema"] < 0.8 * first["val_loss_ema"]
