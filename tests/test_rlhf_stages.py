@@ -205,7 +205,7 @@ def test_ppo_on_ray_actors_completes_and_survives_a_killed_reward_actor(preferen
         data=preference_data["data"],
         model=preference_data["model"],
         ppo={
-            "iterations": 4,
+            "iterations": 3,
             "prompts_per_iteration": 16,
             "ppo_epochs": 2,
             "kl_coef": 0.01,
