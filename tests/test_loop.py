@@ -172,20 +172,17 @@ def test_keep_best_ignores_metrics_measured_on_other_weights(tmp_path):
     assert [m["metrics_step"] for m in markers] == [1, 3]
 
 
-def test_progress_line_rates_agree():
-    """samples/s in the progress line is steps/s times the global batch, from one wall-clock window."""
+def _step_result(step: int, samples: int = 32):
     from trainer.engine import StepResult
-    from trainer.stages.loop import _Progress
 
-    progress = _Progress(total=100, start_step=0)
-    result = StepResult(
-        step=10,
+    return StepResult(
+        step=step,
         loss=1.0,
         applied=True,
         nonfinite=False,
         lr=1e-3,
         grad_norm=1.0,
-        samples=32,
+        samples=samples,
         tokens=0,
         step_time_s=0.1,
         data_wait_fraction=0.25,
@@ -194,8 +191,41 @@ def test_progress_line_rates_agree():
         tflops=None,
         mfu=None,
     )
-    words = progress.line(result, {}).split()
+
+
+def test_progress_line_rates_agree():
+    """samples/s in the progress line is steps/s times the global batch, from one wall-clock window."""
+    from trainer.stages.loop import _Progress
+
+    words = _Progress(total=100, start_step=0).line(_step_result(10), {}).split()
     samples_per_s = float(words[words.index("samples/s") - 1])
     steps_per_s = float(words[words.index("steps/s") - 1])
     assert samples_per_s == pytest.approx(32 * steps_per_s, rel=0.02)  # both printed rounded
     assert "data wait 25%" in " ".join(words)
+
+
+def test_eta_counts_the_periodic_checkpoints():
+    """A simulated run: 1 s per step, a 5 s checkpoint after every 20th, a line every 10 steps. Once two
+    checkpoints are behind it, the printed ETA is within 25% of the time the run really has left (21% at
+    worst here). An ETA from the rate between two lines is a third short at step 80: its window holds no
+    checkpoint while two are still ahead."""
+    from trainer.stages.loop import _format_eta, _Progress
+
+    def finish_time(step: int) -> float:  # when `step` is done, its checkpoint included
+        return step + 5 * (step // 20)
+
+    now = [0.0]
+    progress = _Progress(total=100, start_step=0, clock=lambda: now[0])
+    for step in range(10, 100, 10):
+        now[0] = step + 5 * ((step - 1) // 20)  # the line is printed before this step's checkpoint
+        line = progress.line(_step_result(step), {})
+        if step >= 50:
+            truth = finish_time(100) - now[0]
+            shown = line.split("ETA ")[1].split()[0]
+            assert abs(_seconds(shown) - truth) <= 0.25 * truth, (step, shown, _format_eta(truth))
+
+
+def _seconds(eta: str) -> int:
+    hours, _, rest = eta.rpartition("h") if "h" in eta else ("0", "", eta)
+    minutes, seconds = rest.rstrip("s").split("m") if "m" in rest else (rest.rstrip("m"), "0")
+    return int(hours) * 3600 + int(minutes) * 60 + int(seconds or 0)

@@ -79,19 +79,23 @@ class _Progress:
     """A rank-0 log line every ``log_every`` steps: rates over the steps since the last line, and the ETA.
 
     Steps/s and samples/s come from the same wall-clock window (loader waits, evaluations and
-    checkpoints included), so samples/s is always steps/s times the global batch.
+    checkpoints included), so samples/s is always steps/s times the global batch. The ETA uses the
+    average rate since training started: a window between two checkpoints leaves out the periodic
+    evaluations and saves, and an ETA from it is short by their share of the run.
     """
 
-    def __init__(self, total: int, start_step: int) -> None:
+    def __init__(self, total: int, start_step: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.total = total
-        self.last_step = start_step
-        self.last_time = time.monotonic()
+        self.clock = clock
+        self.first_step = self.last_step = start_step
+        self.first_time = self.last_time = clock()
 
     def line(self, result: StepResult, extra: Mapping[str, float]) -> str:
-        now = time.monotonic()
+        now = self.clock()
         steps_per_s = (result.step - self.last_step) / max(1e-9, now - self.last_time)
         self.last_step, self.last_time = result.step, now
-        eta = (self.total - result.step) / steps_per_s if steps_per_s > 0 else float("inf")
+        average = (result.step - self.first_step) / max(1e-9, now - self.first_time)
+        eta = (self.total - result.step) / average if average > 0 else float("inf")
         shown = " ".join(f"{k} {v:.4g}" for k, v in extra.items())
         return (
             f"step {result.step}/{self.total} loss {result.loss:.4f} lr {result.lr:.3g} "
