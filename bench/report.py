@@ -212,10 +212,46 @@ def render_loader(results: dict[str, dict]) -> str:
     )
 
 
+def render_contamination(results: dict[str, dict]) -> str:
+    report = results.get("contamination")
+    if report is None:
+        return "**unmeasured**: run `python bench/contamination.py`\n"
+    rows = [
+        [
+            row["mode"],
+            str(row["cpus"]),
+            str(row["images"]),
+            f"{row['seconds']:.2f}",
+            f"{row['images_per_s_per_core']:.0f}",
+        ]
+        for row in report["rows"]
+    ]
+    caught = [
+        [kind, *(f"{rates[m]:.0%}" for m in ("exact", "phash", "pixels"))]
+        for kind, rates in report["planted_caught"].items()
+    ]
+    false_positive = report["false_positive_rate_disjoint"]
+    caught.append(
+        [
+            "disjoint split (false positives)",
+            *(f"{false_positive[m]:.1%}" for m in ("exact", "phash", "pixels")),
+        ]
+    )
+    return (
+        f"`{report['command']}` ({report['train_samples']} training and {report['eval_samples']} eval 32 px "
+        f"synthetic scenes, no judge features; {report['device']}, "
+        f"load average {report['load_average_1m']:.1f}, {report['date'][:10]}; {report['note']}):\n\n"
+        + table(["mode", "cpus", "images", "seconds", "images/s/core"], rows)
+        + "\nShare of each planted duplicate kind flagged per image method, and of a disjoint split:\n\n"
+        + table(["eval samples", "exact", "phash", "pixels"], caught)
+    )
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "summary": render_summary,
     "trainer-overhead": render_trainer_overhead,
     "loader": render_loader,
+    "contamination": render_contamination,
 }
 
 
