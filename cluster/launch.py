@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from cluster.runtime import without_secrets
 from data_pipeline import storage
 
 TrainFn = Callable[[Any], dict[str, Any] | None]
@@ -65,7 +66,7 @@ def _worker_env() -> dict[str, str]:
     env.update(storage.ray_task_env())  # object-store secrets only on request: Ray logs runtime_env
     # Workers do not start in this directory: pin the driver's default MLflow store for them.
     env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
-    return env
+    return without_secrets(env)
 
 
 def launch(

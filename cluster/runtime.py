@@ -23,6 +23,13 @@ FORWARDED_ENV = (
 )
 
 
+def without_secrets(env: dict[str, str]) -> dict[str, str]:
+    """``env`` less a tracking URI with ``user:password@`` in it, unless forwarding is requested."""
+    if storage.forwards_secrets() or "@" not in env.get("MLFLOW_TRACKING_URI", ""):
+        return env
+    return {name: value for name, value in env.items() if name != "MLFLOW_TRACKING_URI"}
+
+
 def worker_env() -> dict[str, str]:
     """``runtime_env`` env vars for every worker: the settings above plus ``storage.ray_task_env()``.
 
@@ -36,10 +43,8 @@ def worker_env() -> dict[str, str]:
             "plain text to its logs (runtime_env_agent.log) and job table",
             storage.FORWARD_SECRETS_ENV,
         )
-    return {
-        **{name: os.environ[name] for name in FORWARDED_ENV if name in os.environ},
-        **storage.ray_task_env(),
-    }
+    settings = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    return without_secrets({**settings, **storage.ray_task_env()})
 
 
 def init_ray(address: str = "local", num_cpus: int | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -63,3 +63,17 @@ def test_secret_stays_out_of_ray_logs_unless_forwarding_is_requested(monkeypatch
     assert storage.ray_task_env()["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
     monkeypatch.setenv("TESSERA_FORWARD_CREDENTIALS", "1")
     assert storage.ray_task_env()["AWS_SECRET_ACCESS_KEY"] == planted
+
+
+def test_tracking_uri_with_a_password_is_not_forwarded_by_default(monkeypatch):
+    from cluster.launch import _worker_env
+    from cluster.runtime import worker_env
+
+    monkeypatch.delenv("TESSERA_FORWARD_CREDENTIALS")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ci:planted-password@mlflow:5000")
+    assert "MLFLOW_TRACKING_URI" not in worker_env() and "MLFLOW_TRACKING_URI" not in _worker_env()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # no credential in it: forwarded
+    assert worker_env()["MLFLOW_TRACKING_URI"] == _worker_env()["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    monkeypatch.setenv("TESSERA_FORWARD_CREDENTIALS", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ci:planted-password@mlflow:5000")
+    assert "planted-password" in worker_env()["MLFLOW_TRACKING_URI"]
