@@ -119,6 +119,7 @@ def test_fault_mid_upload_to_object_store(s3_moto, monkeypatch):
     engine.train_step(batch(0))
     checkpointer = Checkpointer(root, keep_last=2)
     good = checkpointer.save(engine)
+    good_weights = weights(engine)
     engine.train_step(batch(1))
 
     # Fault injection: the upload dies after two objects, as a killed node would leave it.
@@ -138,7 +139,9 @@ def test_fault_mid_upload_to_object_store(s3_moto, monkeypatch):
     assert len(storage.list_files(ckpt.checkpoint_url(root, 2))) >= 1  # partial objects are there
     assert resolve_resume("auto", root) == good
     fresh = make_engine(seed=9)
-    assert Checkpointer(root).load(fresh, good)["step"] == 1
+    assert Checkpointer(root).load(fresh, good)["step"] == 1  # downloaded, verified, loaded
+    assert all(torch.equal(a, b) for a, b in zip(weights(fresh), good_weights))
+    assert all(torch.equal(a, b) for a, b in zip(read_module_state(good).values(), good_weights))
 
 
 def test_keep_last_plus_best(tmp_path):
