@@ -216,11 +216,11 @@ def test_checkpoint_weights_reload_for_sampling(tmp_path, zero_stage):
     """ZeRO-3 partitions parameters: the model must train under it and its checkpoint read back whole."""
     import deepspeed
 
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpoint import Checkpointer, read_module_state
     from trainer.config import EngineConfig
     from trainer.engine import Engine
     from trainer.models.dalle import DalleConfig, DalleTransformer
-    from trainer.stages.dalle import make_loss_fn, read_module_state
+    from trainer.stages.dalle import make_loss_fn
 
     config = DalleConfig(
         text_vocab_size=40, text_len=6, image_vocab_size=16, image_side=4, depth=2, heads=2, head_dim=8

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_pipeline.manifest import load_manifest
 from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
-from trainer.checkpoint import read_module_state  # noqa: F401  (lives in checkpoint; kept for old callers)
 from trainer.config import DataConfig, EngineConfig, RunConfig
 from trainer.engine import Engine, init_distributed
 from trainer.grids import labelled_grid
