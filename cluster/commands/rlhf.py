@@ -77,7 +77,8 @@ class JudgeLabeller:
         model = load_config(JudgeStageConfig, judge_config).model
         checkpoint = checkpoint_or_newest(checkpoint)
         # Refuses a judge below the evals' bar, and says which verdicts it may give, as `tessera eval` does.
-        self.small_shapes, _ = judge_verdict_scope(read_card(checkpoint))
+        scope, _ = judge_verdict_scope(read_card(checkpoint))
+        self.small_shapes = scope["small_shapes"]
         self.judge = load_judge(checkpoint, model, required=[])
 
     def score(self, prompts: Sequence[str], images: torch.Tensor, ids: Sequence[str]) -> list[float]:
