@@ -32,6 +32,7 @@ from trainer.tracking import Tracker, default_tracking_uri, find_finished_runs
 
 log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
+TORCH_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class StageSpec(BaseModel):
@@ -219,7 +220,8 @@ def run(
     by_name = {p.name: p for p in planned}
     logs = Path(run_dir, "logs")
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # A stage is its own world: a process group of this process (its MASTER_PORT) must not leak into it.
+    env = {k: v for k, v in os.environ.items() if k not in TORCH_DIST_ENV} | {"MLFLOW_TRACKING_URI": uri}
     commit = _git_commit()
     summary: dict[str, Any] = {"pipeline": spec.name, "ran": [], "skipped": [], "seconds": {}}
     parent = Tracker(
