@@ -116,7 +116,7 @@ def run_eval(args: argparse.Namespace) -> int:
         **training_lineage(config.data.train_manifest),
         "judge_checkpoint": judge_url,
         **{
-            f"{name}_checkpoint": ref.checkpoint
+            f"{name}_checkpoint": checkpoint_or_newest(ref.checkpoint)
             for name, ref in (("dvae", config.dvae), ("dalle", config.dalle))
             if ref
         },
