@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -47,6 +48,16 @@ def worker_env() -> dict[str, str]:
     return without_secrets({**settings, **storage.ray_task_env()})
 
 
+def _not_set_by_the_job(env_vars: dict[str, str], ray: Any) -> dict[str, str]:
+    """Inside a Ray job (``tessera submit``) the job's runtime_env already reaches every worker, and
+    ``ray.init`` refuses a runtime_env naming any of the job's env vars again: leave those out."""
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not injected:
+        return env_vars
+    job_env = ray.job_config.JobConfig.from_json(json.loads(injected)).runtime_env.get("env_vars") or {}
+    return {name: value for name, value in env_vars.items() if name not in job_env}
+
+
 def init_ray(address: str = "local", num_cpus: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """Start (``"local"``) or join (``"auto"``, ``ray://host:10001``) a Ray cluster once per process."""
     environment.configure()  # before Ray is imported: it reads some settings at import
@@ -55,7 +66,7 @@ def init_ray(address: str = "local", num_cpus: int | None = None, **kwargs: Any)
     if ray.is_initialized():
         return ray.cluster_resources()
     options: dict[str, Any] = {
-        "runtime_env": {"env_vars": worker_env()},
+        "runtime_env": {"env_vars": _not_set_by_the_job(worker_env(), ray)},
         "include_dashboard": False,
         "log_to_driver": True,
         **kwargs,

@@ -111,7 +111,7 @@ def finish(proc: subprocess.Popen) -> tuple[str, str]:
     """Wait for a command started by ``TwoNodes.tessera``; its (stdout, stderr), asserting success."""
     proc.wait(timeout=DEADLINE_S)
     out, err = proc.out_path.read_text(), proc.err_path.read_text()
-    assert proc.returncode == 0, f"{proc.args[5:]} failed ({proc.returncode}):\n{err[-4000:]}"
+    assert proc.returncode == 0, f"{proc.args[5:]} failed ({proc.returncode}):\n{err[-3000:]}\n{out[-3000:]}"
     return out, err
 
 
