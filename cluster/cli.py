@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "cluster.commands.eval",
     "cluster.commands.pipeline",
     "cluster.commands.submit",
+    "cluster.commands.inspect",
 )
 
 

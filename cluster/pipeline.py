@@ -172,8 +172,9 @@ def plan(
 
 
 def format_plan(planned: list[PlannedStage]) -> str:
-    rows = [f"{'stage':<14} {'action':<13} {'key':<12} why"]
-    rows += [f"{p.name:<14} {p.action:<13} {p.key[:12]:<12} {p.reason}" for p in planned]
+    width = max(len("stage"), *(len(p.name) for p in planned)) + 1
+    rows = [f"{'stage':<{width}} {'action':<13} {'key':<12} why"]
+    rows += [f"{p.name:<{width}} {p.action:<13} {p.key[:12]:<12} {p.reason}" for p in planned]
     return "\n".join(rows)
 
 
