@@ -1,0 +1,147 @@
+"""Benchmark: does RLHF make the policy draw its prompt? SFT vs DPO vs PPO, judged on the same prompts.
+
+For the first ``--samples`` captions of each eval manifest (seen and held-out colour/shape pairs), each
+policy draws one image per caption with the same seeded sampler; the evals judge (refused below its
+accuracy bar) scores whole-prompt alignment, with Wilson 95% intervals. Beside it: the policy's KL to
+the SFT reference on its own samples (mean over images of the summed per-code log-ratio, the k1
+estimate of KL(policy || SFT)), i.e. what the alignment gain cost.
+Writes ``bench/results/rlhf_alignment.json``. Example (after ``make demo``)::
+
+    .venv/bin/python bench/rlhf_alignment.py --sft runs/dalle-tiny/checkpoints \\
+        --policy dpo=runs/dpo-tiny/checkpoints --policy ppo=runs/ppo-tiny/checkpoints/policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from cluster.config import load_config
+from data_pipeline.tokenizer import iter_captions, load_tokenizer
+from evals.alignment import alignment
+from evals.judge import judge_images, load_judge, read_card
+from evals.judge_stage import JudgeStageConfig
+from evals.run import judge_verdict_scope
+from trainer.inference import checkpoint_or_newest, load_frozen_dvae, load_trained
+from trainer.rlhf.policy import image_logprobs
+from trainer.sampling import SamplingConfig, generate_codes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sft", default="runs/dalle-tiny/checkpoints", help="the SFT policy (and KL reference)"
+    )
+    parser.add_argument("--policy", action="append", default=[], metavar="NAME=CHECKPOINT", help="repeatable")
+    parser.add_argument("--dvae", default="runs/dvae-tiny/checkpoints")
+    parser.add_argument("--tokenizer", default="runs/data/synthetic-32/tokenizer.json")
+    parser.add_argument("--judge", default="runs/judge-tiny/checkpoints")
+    parser.add_argument("--judge-config", default="configs/judge/tiny.toml")
+    parser.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="MANIFEST",
+        help="default: runs/data/eval-{seen,heldout}",
+    )
+    parser.add_argument("--samples", type=int, default=128, help="captions per eval manifest")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rlhf_alignment.json")
+    return parser.parse_args(argv)
+
+
+def first_captions(manifest: str, count: int) -> list[str]:
+    captions = []
+    for caption in iter_captions(manifest):
+        captions.append(caption)
+        if len(captions) == count:
+            break
+    return captions
+
+
+@torch.no_grad()
+def measure(
+    policy,
+    reference,
+    dvae,
+    judge,
+    tokenizer,
+    captions: list[str],
+    sampling: SamplingConfig,
+    scope: dict[str, bool],
+) -> dict:
+    text = tokenizer.encode_batch(captions, policy.config.text_len)
+    codes = generate_codes(policy, text, sampling, torch.Generator().manual_seed(sampling.seed))
+    side = policy.config.image_side
+    images = dvae.decode(codes.view(-1, side, side)).float().clamp(0, 1)
+    verdicts = judge_images(judge, images)
+    summary = alignment(captions, verdicts.scenes, verdicts.digits, **scope)
+    kl = (image_logprobs(policy, text, codes) - image_logprobs(reference, text, codes)).sum(dim=1)
+    return {"alignment": summary, "kl_to_sft": float(kl.mean()), "images": len(captions)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    policies = {"sft": args.sft, **dict(item.split("=", 1) for item in args.policy)}
+    evals = args.eval or ["runs/data/eval-seen", "runs/data/eval-heldout"]
+    judge_checkpoint = checkpoint_or_newest(args.judge)
+    card = read_card(judge_checkpoint)
+    scope, _ = judge_verdict_scope(card)  # which verdicts the judge is trusted with, as evals decide
+    judge = load_judge(
+        judge_checkpoint,
+        load_config(JudgeStageConfig, args.judge_config).model,
+        required=sorted(card["heldout_accuracy"]),
+    )
+    dvae = load_frozen_dvae(checkpoint_or_newest(args.dvae))
+    tokenizer = load_tokenizer(args.tokenizer)
+    reference = load_trained(checkpoint_or_newest(args.sft))
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance, seed=args.seed
+    )
+    captions = [caption for manifest in evals for caption in first_captions(manifest, args.samples)]
+    results = {}
+    for name, checkpoint in policies.items():
+        url = checkpoint_or_newest(checkpoint)
+        results[name] = {
+            "checkpoint": url,
+            **measure(load_trained(url), reference, dvae, judge, tokenizer, captions, sampling, scope),
+        }
+    print(f"{'policy':<8} {'group':<8} {'prompt accuracy':<16} {'95% CI':<16} {'n':>5} {'KL to SFT':>10}")
+    for name, result in results.items():
+        for group in ("seen", "heldout"):
+            entry = result["alignment"].get(group, {}).get("prompt")
+            if entry:
+                low, high = entry["ci95"]
+                print(
+                    f"{name:<8} {group:<8} {entry['accuracy']:<16.3f} [{low:.3f}, {high:.3f}]   "
+                    f"{entry['total']:>5} {result['kl_to_sft']:>10.2f}"
+                )
+    report = {
+        "benchmark": "rlhf_alignment",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": platform.processor() or platform.machine(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "sampling": sampling.model_dump(),
+        "eval_manifests": evals,
+        "judge": judge_checkpoint,
+        "results": results,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
