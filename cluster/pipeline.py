@@ -28,11 +28,11 @@ from typing import Any
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainer.net import TORCH_DIST_ENV
 from trainer.tracking import Tracker, default_tracking_uri, find_finished_runs
 
 log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
-TORCH_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class StageSpec(BaseModel):

@@ -10,3 +10,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+# What a launcher (torchrun, Ray Train, a parent that already joined a group) exports for one process
+# group; a process that must form its own world of one clears them first.
+TORCH_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -20,6 +20,7 @@ import torch
 from trainer.checkpoint import Checkpointer, read_module_state
 from trainer.engine import Engine
 from trainer.models import build
+from trainer.net import TORCH_DIST_ENV
 from trainer.rlhf.policy import RewardModel, ValueModel, image_logprobs
 from trainer.rlhf.ppo import critic_loss_fn, policy_loss_fn
 from trainer.sampling import generate_codes
@@ -76,6 +77,10 @@ class _TrainedWorker(_Worker):
 
     def __init__(self, model: torch.nn.Module, config: Any, loss_fn: Any, checkpoint_root: str) -> None:
         super().__init__()
+        # Each engine is a world of one on its own free port; Ray workers inherit the environment of
+        # whoever started Ray, which may hold that process's own MASTER_PORT.
+        for name in TORCH_DIST_ENV:
+            os.environ.pop(name, None)
         self.engine = Engine(model, config, loss_fn)
         # The driver names what to load (its last consistent state), also after Ray restarted the actor.
         self.checkpointer = Checkpointer(checkpoint_root, keep_last=2)
