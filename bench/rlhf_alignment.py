@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     judge = load_judge(
         judge_checkpoint,
         load_config(JudgeStageConfig, args.judge_config).model,
-        required=sorted(card["heldout_accuracy"]),
+        required=[],  # the bar was checked by judge_verdict_scope above
     )
     dvae = load_frozen_dvae(checkpoint_or_newest(args.dvae))
     tokenizer = load_tokenizer(args.tokenizer)
