@@ -212,6 +212,24 @@ def train(config: PPOStageConfig) -> dict[str, Any]:
         controller.coef, start = state["kl_coef"], state["iteration"]
         log.info("ppo: resuming after iteration %d from %s", start, state_url)
     group = _Group(config)
+    try:  # the group holds the placement group's resources: give them back whatever happens
+        return _drive(config, group, loader, controller, state, state_url, manifest.sha256(), start)
+    finally:
+        group.close()
+
+
+def _drive(
+    config: PPOStageConfig,
+    group: _Group,
+    loader: Any,
+    controller: AdaptiveKLController,
+    state: dict[str, Any] | None,
+    state_url: str,
+    manifest_sha256: str,
+    start: int,
+) -> dict[str, Any]:
+    """The iterations, from the last published state (or a fresh one saved first) to the end."""
+    settings = config.ppo
     if state is None:  # the state every retry can roll back to, before the first iteration
         policy_url, critic_url = ray.get([group.policy.save.remote(), group.critic.save.remote()])
         state = {"iteration": 0, "kl_coef": controller.coef, "loader": loader.state_dict()}
@@ -226,7 +244,7 @@ def train(config: PPOStageConfig) -> dict[str, Any]:
         {
             "sft_checkpoint": config.rlhf.sft_checkpoint,
             "reward_checkpoint": config.rlhf.reward_checkpoint,
-            "manifest_sha256": manifest.sha256(),
+            "manifest_sha256": manifest_sha256,
         }
     )
     summary: dict[str, Any] = {"stage": "ppo", "start_iteration": start, "retries": 0, "history": []}
@@ -291,6 +309,5 @@ def train(config: PPOStageConfig) -> dict[str, Any]:
     finally:
         summary["mlflow_run_id"] = tracker.run_id
         tracker.close(status)
-        group.close()
     summary.update(iterations=settings.iterations, checkpoint=state["policy"], state=state_url)
     return summary
