@@ -92,6 +92,20 @@ def wait(client, job_id: str, poll_s: float = 1.0) -> str:
     return status
 
 
+def submit_when_ready(client, deadline_s: float = 120.0, **job) -> str:
+    """``submit_job``, retried while a freshly started head says its job agent is not up yet."""
+    deadline, wait_s = time.monotonic() + deadline_s, 1.0
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            log.info("the cluster's job agent is not ready yet; retrying in %.0f s", wait_s)
+            time.sleep(wait_s)
+            wait_s = min(2 * wait_s, 10.0)
+
+
 def main(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
@@ -111,7 +125,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(
             "tessera submit: give the command after --, e.g. tessera submit -- train dvae --config ..."
         )
-    job_id = client.submit_job(
+    job_id = submit_when_ready(
+        client,
         entrypoint=shlex.join(["python", "-m", "cluster.cli", *command]),
         runtime_env={
             "working_dir": args.working_dir,
