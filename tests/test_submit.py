@@ -39,6 +39,11 @@ def ray_head():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            # Its own agent ports: another Ray on this machine (the suite's local cluster) holds the defaults.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             f"--temp-dir={tempfile.mkdtemp(prefix='ray-head-', dir='/tmp')}",
         ],
         env=env,
