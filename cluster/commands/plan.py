@@ -47,23 +47,27 @@ def main(args: argparse.Namespace) -> int:
         if "[diffusion]" in handle.read():  # a latent diffusion preset: sized by its own census
             return plan_diffusion(args)
     config = load_config(DalleStageConfig, args.config, args.overrides)
-    inputs = PlanInputs(
+    inputs = plan_inputs(args, config.engine, seq_len=args.seq_len, flash_attention=not args.no_flash)
+    result = plan(config.model, inputs)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
+    return 0 if result.fits else 1
+
+
+def plan_inputs(args: argparse.Namespace, engine, **extra) -> PlanInputs:
+    """The cluster (flags) and the batch/ZeRO settings (the preset's engine) every plan starts from."""
+    return PlanInputs(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         gpu_memory_gb=args.gpu_memory_gb,
         peak_tflops=args.peak_tflops,
         mfu=args.mfu,
-        zero_stage=config.engine.zero_stage,
-        micro_batch=config.engine.micro_batch_size,
-        grad_accum=config.engine.grad_accum,
-        seq_len=args.seq_len,
-        activation_checkpointing=config.engine.activation_checkpointing,
-        flash_attention=not args.no_flash,
+        zero_stage=engine.zero_stage,
+        micro_batch=engine.micro_batch_size,
+        grad_accum=engine.grad_accum,
+        activation_checkpointing=engine.activation_checkpointing,
         reserve_gb=args.reserve_gb,
+        **extra,
     )
-    result = plan(config.model, inputs)
-    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
-    return 0 if result.fits else 1
 
 
 def plan_diffusion(args: argparse.Namespace) -> int:
@@ -71,18 +75,7 @@ def plan_diffusion(args: argparse.Namespace) -> int:
     from trainer.stages.diffusion import DiffusionStageConfig
 
     config = load_config(DiffusionStageConfig, args.config, args.overrides)
-    inputs = PlanInputs(
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        gpu_memory_gb=args.gpu_memory_gb,
-        peak_tflops=args.peak_tflops,
-        mfu=args.mfu,
-        zero_stage=config.engine.zero_stage,
-        micro_batch=config.engine.micro_batch_size,
-        grad_accum=config.engine.grad_accum,
-        activation_checkpointing=config.engine.activation_checkpointing,
-        reserve_gb=args.reserve_gb,
-    )
+    inputs = plan_inputs(args, config.engine)
     result = plan_denoiser(config.model, inputs)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0 if result["fits"] else 1
