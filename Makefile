@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  if command -v nvidia-smi >/dev/null; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q torch==$(TORCH_CPU_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); fi; fi
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps -c constraints.txt "DALL-E>=0.1,<0.2"  # pyproject's test-openai, no deps
 	$(PY) -m cluster.environment  # DeepSpeed's CPU comm op, built once into TORCH_EXTENSIONS_DIR
 	touch $(STAMP)
 

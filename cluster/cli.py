@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "cluster.commands.train",
     "cluster.commands.sample",
     "cluster.commands.export",
+    "cluster.commands.importer",
     "cluster.commands.plan",
     "cluster.commands.demo",
     "cluster.commands.tracking",

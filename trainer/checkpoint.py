@@ -683,6 +683,43 @@ def read_module_state(url: str) -> dict[str, torch.Tensor]:
         return safe_load(os.path.join(folder, MAIN_MODEL_FILE), name=MAIN_MODEL_FILE)["module"]
 
 
+def save_weights(
+    root: str, module: torch.nn.Module, *, step: int = 0, source: dict[str, Any] | None = None
+) -> str:
+    """A checkpoint of ``module``'s weights and config alone, made outside training (e.g. imported).
+
+    Same layout and guarantees as :meth:`Checkpointer.save` (sha256 list, atomic publish, ``COMPLETE``
+    last), so :func:`read_module_state`, :func:`read_model_config` and :func:`export_model` read it; it
+    holds no optimizer or loader state, so it cannot be resumed. ``source`` goes into trainer_state.json.
+    """
+    url = checkpoint_url(root.rstrip("/"), step)
+    staging = _scratch_dir(url, "staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(os.path.join(staging, ENGINE_TAG))
+    state = {name: value.detach().cpu().contiguous() for name, value in module.state_dict().items()}
+    torch.save({"module": state}, os.path.join(staging, MAIN_MODEL_FILE))
+    meta = {
+        "step": step,
+        "metrics": {},
+        "metrics_step": None,
+        "config_hash": "",
+        "world_size": 1,
+        "created": time.time(),
+    }
+    with open(os.path.join(staging, STATE_FILE), "w") as handle:
+        json.dump({**meta, "loader_states": [], "source": source or {}}, handle)
+    model_config = _model_config(module)
+    if model_config is not None:
+        with open(os.path.join(staging, MODEL_CONFIG_FILE), "w") as handle:
+            json.dump(model_config, handle, indent=2)
+    files = digest_folder(staging)
+    if storage.exists(storage.join(url, COMPLETE)):
+        storage.remove(storage.join(url, COMPLETE))  # the marker goes first: never a mixed checkpoint
+    Checkpointer(root)._publish(staging, url)
+    storage.write_bytes_atomic(storage.join(url, COMPLETE), json.dumps({**meta, "files": files}).encode())
+    return url
+
+
 def exported_config_path(out: str) -> str:
     """Where :func:`export_model` puts the config JSON: ``x.safetensors`` -> ``x.json``."""
     return out.removesuffix(".safetensors") + ".json"
