@@ -1,12 +1,13 @@
 """The rank-aware, resumable training loader over a Tessera WebDataset manifest.
 
-Assignment and batch counts come from ``loader_plan`` (a seeded per-epoch shard permutation cut into
-``world_size`` contiguous pieces); DataLoader workers stream their share of this rank's batches,
-decode JPEGs straight to uint8 and collate in the worker, so the main process only receives finished
-batches. The main process records which positions it has *handed to the caller* (not what workers
-prefetched) as per-shard intervals: ``state_dict()`` is exactly what the consumer saw, and any set of
-rank states can be merged and re-split across a different world size without repeating or losing a
-sample. See docs/loader.md.
+Assignment, order and batch counts come from ``loader_plan`` (windows of a few shards per rank, each
+window's samples in a seeded permutation; a pure function of seed, epoch, world size and what was
+consumed); DataLoader workers fetch one byte range per shard per window (``shard_reader``, through the
+shards' member indexes), decode JPEGs straight into a uint8 batch and collate in the worker, so the
+main process only receives finished batches. The main process records which positions it has
+*handed to the caller* (not what workers prefetched) as per-shard intervals: ``state_dict()`` is
+exactly what the consumer saw, and any set of rank states can be merged and re-split across a
+different world size without repeating or losing a sample. See docs/loader.md.
 
 Trust nothing read: every shard is checked to exist at its recorded size (one listing) before the
 first batch; a shard read whole is checked against its manifest sha256 before any of it is used;
@@ -17,14 +18,13 @@ workers die with the process that started them, and draw randomness only from se
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import itertools
 import os
 import random
 import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,18 +33,22 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.loader_plan import (
     Interval,
-    Segment,
+    Positions,
+    intervals_of,
+    last_use,
     merge_intervals,
     rank_batches,
-    read_passes,
     split_among_workers,
+    window_reads,
 )
-from data_pipeline.manifest import Manifest, ShardEntry, load_manifest
-from data_pipeline.shard_reader import LoadedReject, LoadedSample, decode_entry, iter_entries, read_shard
+from data_pipeline.manifest import Manifest, load_manifest
+from data_pipeline.shard_reader import LoadedReject, LoadedSample, ShardWindow, load_window
 from data_pipeline.tokenizer import load_tokenizer
 
 STATE_FORMAT = "tessera-loader/1"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+DEFAULT_WINDOW_SHARDS = 8  # shards whose samples a rank mixes at a time (all held in memory per worker)
+MAX_READ_THREADS = 8  # a window's shards are fetched concurrently, at most this many at once
 
 
 class LoaderError(RuntimeError):
@@ -56,24 +60,25 @@ class _RankBatches(IterableDataset):
 
     def __init__(
         self,
-        shard_urls: list[str],
-        shards: list[ShardEntry],
-        batches: list[tuple[int, list[Segment]]],
+        manifest: Manifest,
+        batches: list[tuple[int, Positions]],
         *,
         batch_size: int,
-        image_size: int,
+        train_size: int,
         tokenizer: Any,
         text_len: int | None,
         strict: bool,
         seeds: tuple[int, int, int],
     ) -> None:
-        self.shard_urls = shard_urls
-        self.shards = shards
+        self.shards = manifest.shards
+        self.shard_urls = manifest.shard_urls()
+        self.index_urls = [manifest.index_url(entry) for entry in manifest.shards]
+        self.image_size = manifest.image_size
         self.batches = batches
         self.seeds = seeds  # (seed, epoch, rank): with the worker id, what every worker RNG is seeded from
         self.parent_pid = os.getpid()
         self.batch_size = batch_size
-        self.image_size = image_size
+        self.train_size = train_size
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.strict = strict
@@ -81,42 +86,66 @@ class _RankBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         mine = split_among_workers(self.batches, info.num_workers, info.id) if info else self.batches
-        outcomes = self._outcomes([seg for _, segments in mine for seg in segments])
+        plans = [positions for _, positions in mine]
+        reads, last = window_reads(plans), last_use(plans)
+        windows: dict[tuple[int, int], ShardWindow | str] = {}
         filler: LoadedSample | None = None
-        for index, segments in mine:
-            items = list(itertools.islice(outcomes, sum(len(seg) for seg in segments)))
-            batch, filler = self._collate(index, items, filler)
+        for i, (index, positions) in enumerate(mine):
+            images = np.empty((self.batch_size, self.train_size, self.train_size, 3), np.uint8)
+            items: list[LoadedSample | LoadedReject] = []
+            slot = 0  # good samples decode straight into the batch, in order
+            for shard, entry, window in zip(
+                positions.shard.tolist(), positions.entry.tolist(), positions.window.tolist(), strict=True
+            ):
+                if (window, shard) not in windows:
+                    self._open_window(window, reads, windows)
+                items.append(self._outcome(windows[(window, shard)], shard, entry, images[slot]))
+                slot += isinstance(items[-1], LoadedSample)
+            batch, filler = self._collate(index, items, images, filler)
             yield batch
+            for key in [key for key in windows if last[key[0]] == i]:
+                del windows[key]
 
-    def _outcomes(self, segments: list[Segment]) -> Iterator[LoadedSample | LoadedReject]:
-        for shard, ranges in read_passes(segments):
-            url = self.shard_urls[shard]
-            entry = self.shards[shard]
-            data = None
-            if ranges[0][0] == 0 and ranges[-1][1] == entry.num_samples:  # read whole: verify before use
-                data = read_shard(url)
-                actual = hashlib.sha256(data).hexdigest()
-                if actual != entry.sha256:
-                    detail = f"sha256 {actual} ({len(data)} bytes), the manifest says {entry.sha256}"
-                    if self.strict:
-                        raise LoaderError(f"strict loader: shard {url}: checksum_mismatch ({detail})")
-                    for index in (i for lo, hi in ranges for i in range(lo, hi)):
-                        yield LoadedReject(f"<entry {index}>", url, "checksum_mismatch", detail)
-                    continue
-            for _, item in iter_entries(url, ranges, data):
-                outcome = item if isinstance(item, LoadedReject) else decode_entry(item, url, self.image_size)
-                if self.strict and outcome.unsafe_members:
-                    raise LoaderError(
-                        f"strict loader: shard {url}: member {outcome.unsafe_members[0]!r}: unsafe_member"
-                    )
-                if self.strict and isinstance(outcome, LoadedReject):
-                    raise LoaderError(f"strict loader: {outcome.message()}")
-                yield outcome
+    def _open_window(
+        self, window: int, reads: dict[tuple[int, int], tuple[int, int]], windows: dict[tuple[int, int], Any]
+    ) -> None:
+        """Fetch every shard of ``window`` this worker reads, concurrently: one byte range each."""
+        keys = [key for key in reads if key[0] == window]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(keys), MAX_READ_THREADS))) as pool:
+            loaded = pool.map(
+                lambda key: load_window(
+                    self.shard_urls[key[1]], self.shards[key[1]], self.index_urls[key[1]], *reads[key]
+                ),
+                keys,
+            )
+            windows.update(zip(keys, loaded, strict=True))
+
+    def _outcome(
+        self, source: ShardWindow | str, shard: int, entry: int, out: np.ndarray
+    ) -> LoadedSample | LoadedReject:
+        url = self.shard_urls[shard]
+        if isinstance(source, str):  # the shard failed its sha256 check
+            if self.strict:
+                raise LoaderError(f"strict loader: shard {url}: checksum_mismatch ({source})")
+            return LoadedReject(f"<entry {entry}>", url, "checksum_mismatch", source)
+        outcome = source.outcome(entry, self.image_size, out=out, train_size=self.train_size)
+        if self.strict and outcome.unsafe_members:
+            raise LoaderError(
+                f"strict loader: shard {url}: member {outcome.unsafe_members[0]!r}: unsafe_member"
+            )
+        if self.strict and isinstance(outcome, LoadedReject):
+            raise LoaderError(f"strict loader: {outcome.message()}")
+        return outcome
 
     def _collate(
-        self, index: int, items: list[LoadedSample | LoadedReject], filler: LoadedSample | None
+        self,
+        index: int,
+        items: list[LoadedSample | LoadedReject],
+        images: np.ndarray,
+        filler: LoadedSample | None,
     ) -> tuple[dict[str, Any], LoadedSample | None]:
-        """One fixed-size batch: valid samples first, then padding rows (``valid=False``).
+        """One fixed-size batch: valid samples first (already decoded into ``images`` in order), then
+        padding rows (``valid=False``).
 
         Padding repeats this batch's own samples, else the worker's last good sample, else a black
         image with an empty caption (a rank whose share ran out before the shared batch count).
@@ -127,14 +156,13 @@ class _RankBatches(IterableDataset):
         rejects = +rejects  # drop zero counts
         pool = good or ([filler] if filler is not None else [])
         rows = good + [pool[i % len(pool)] for i in range(self.batch_size - len(good))] if pool else []
-        size = self.image_size
-        images = np.zeros((self.batch_size, 3, size, size), dtype=np.uint8)
-        for slot, row in enumerate(rows):
-            images[slot] = row.image.transpose(2, 0, 1)
+        for slot in range(len(good), len(rows)):
+            images[slot] = rows[slot].image
+        images[len(rows) :] = 0
         blanks = self.batch_size - len(rows)
         captions = [row.caption for row in rows] + [""] * blanks
         batch: dict[str, Any] = {
-            "image": images,
+            "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
             "caption": captions,
             "valid": np.arange(self.batch_size) < len(good),
             "__key__": [row.key for row in rows] + [""] * blanks,
@@ -211,11 +239,20 @@ class TesseraLoader:
         strict: bool = False,
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
+        shuffle: bool = True,
+        window_shards: int = DEFAULT_WINDOW_SHARDS,
+        image_size: int | None = None,
     ) -> None:
         if tokenizer is not None and not text_len:
             raise ValueError("text_len is required when a tokenizer is given")
         if manifest.num_samples == 0:
             raise LoaderError(f"{manifest.location or 'the manifest'} lists no samples: nothing to load")
+        if window_shards < 1:
+            raise ValueError(f"window_shards must be >= 1, got {window_shards}")
+        if image_size is not None and not 0 < image_size <= manifest.image_size:
+            raise ValueError(
+                f"image_size must be in [1, {manifest.image_size}] (the stored size), got {image_size}"
+            )
         self.manifest = manifest
         self.rank = rank
         self.world_size = world_size
@@ -227,10 +264,12 @@ class TesseraLoader:
         self.strict = strict
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
+        self.shuffle = shuffle
+        self.window_shards = window_shards
+        self.image_size = image_size or manifest.image_size
         self.rejects: Counter[str] = Counter()
         self._names = [entry.name for entry in manifest.shards]
         self._counts = [entry.num_samples for entry in manifest.shards]
-        self._urls = [manifest.shard_url(entry) for entry in manifest.shards]
         problems = manifest.listing_problems()
         if problems:
             listed = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
@@ -252,6 +291,8 @@ class TesseraLoader:
             rank=self.rank,
             world_size=self.world_size,
             batch_size=self.batch_size,
+            window_shards=self.window_shards,
+            shuffle=self.shuffle,
         )
         self._delivered: set[int] = set()
 
@@ -268,11 +309,10 @@ class TesseraLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pending = [(i, batch) for i, batch in enumerate(self._batches) if i not in self._delivered]
         dataset = _RankBatches(
-            self._urls,
-            self.manifest.shards,
+            self.manifest,
             pending,
             batch_size=self.batch_size,
-            image_size=self.manifest.image_size,
+            train_size=self.image_size,
             tokenizer=self.tokenizer,
             text_len=self.text_len,
             strict=self.strict,
@@ -307,10 +347,10 @@ class TesseraLoader:
     def _record(self, index: int) -> None:
         """The caller now holds batch ``index``: its positions (valid or rejected) are consumed."""
         self._delivered.add(index)
-        for seg in self._batches[index]:
-            self._consumed[seg.shard] = merge_intervals(
-                self._consumed.get(seg.shard, []) + [(seg.lo, seg.hi)]
-            )
+        batch = self._batches[index]
+        for shard in np.unique(batch.shard).tolist():
+            taken = intervals_of(batch.entry[batch.shard == shard])
+            self._consumed[shard] = merge_intervals(self._consumed.get(shard, []) + taken)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: what all ranks had consumed when this state was loaded, plus what this rank gave out."""
@@ -388,8 +428,15 @@ def open_loader(
     strict: bool = False,
     prefetch_factor: int = 2,
     multiprocessing_context: str | None = None,
+    shuffle: bool = True,
+    window_shards: int = DEFAULT_WINDOW_SHARDS,
+    image_size: int | None = None,
 ) -> TesseraLoader:
-    """A loader for ``rank`` of ``world_size``; ``manifest`` is a loaded Manifest or its URL/folder."""
+    """A loader for ``rank`` of ``world_size``; ``manifest`` is a loaded Manifest or its URL/folder.
+
+    ``shuffle``: samples in a seeded permutation within windows of ``window_shards`` shards (False:
+    tar order within each shard, shards still permuted per epoch). ``image_size``: decode to this
+    size when smaller than the stored one (reduced-size JPEG decode), default the stored size."""
     if isinstance(manifest, str):
         manifest = load_manifest(manifest)
     return TesseraLoader(
@@ -405,4 +452,7 @@ def open_loader(
         strict=strict,
         prefetch_factor=prefetch_factor,
         multiprocessing_context=multiprocessing_context,
+        shuffle=shuffle,
+        window_shards=window_shards,
+        image_size=image_size,
     )

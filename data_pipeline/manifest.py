@@ -44,11 +44,14 @@ class ShardEntry(BaseModel):
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     partition: int = Field(ge=0)
+    # The shard's member index beside it (``tar_index``: every member's byte offset and size), so a
+    # reader slices samples out of byte ranges; None: built from the shard on first read and cached.
+    index: str | None = None
 
-    @field_validator("name")
+    @field_validator("name", "index")
     @classmethod
-    def _inside_the_dataset(cls, name: str) -> str:
-        problem = name_problem(name)
+    def _inside_the_dataset(cls, name: str | None) -> str | None:
+        problem = None if name is None else name_problem(name)
         if problem:
             raise ValueError(f"shard name {name!r} {problem}; names must stay inside the dataset folder")
         return name
@@ -101,7 +104,7 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     source: SourceLineage
     image_size: int = Field(gt=0)
-    image_format: Literal["jpg"] = "jpg"
+    image_format: Literal["jpg", "npy"] = "jpg"  # npy: raw uint8 pixels (ingest's image_format)
     num_samples: int = Field(ge=0)
     total_bytes: int = Field(ge=0)
     shards: list[ShardEntry]
@@ -141,6 +144,14 @@ class Manifest(BaseModel):
 
     def shard_urls(self) -> list[str]:
         return [self.shard_url(entry) for entry in self.shards]
+
+    def index_url(self, entry: ShardEntry) -> str | None:
+        """Where the shard's member index is (named like shards, relative to the dataset), or None."""
+        if entry.index is None:
+            return None
+        if self._location is None:
+            return storage.join(storage.parent(entry.url), entry.index.rsplit("/", 1)[-1])
+        return storage.join(storage.parent(self._location), entry.index)
 
     def listing_problems(self) -> dict[str, str]:
         """Shards missing or of the wrong size, from one listing of the dataset folder."""

@@ -1,20 +1,26 @@
-"""Read a window of entries from one WebDataset shard and decode them to uint8 arrays, or say why not.
+"""Read windows of entries out of WebDataset shards by byte range and decode them to uint8, or say why not.
 
-Entries are counted in tar order with webdataset's own member grouping (``base_plus_ext``), so the
-loader can ask for entries ``[lo, hi)`` of a shard: members before ``lo`` are skipped without being
-read out or decoded, and the stream is abandoned as soon as entry ``hi`` begins. Every position in
-the window yields exactly one outcome, a ``LoadedSample`` or a ``LoadedReject`` with a reason, so
-padding and exactly-once bookkeeping never lose count when a shard is damaged. (The names differ from
-``sources.base``'s ``Sample``/``Rejected``, which are records on their way *into* a dataset.)
+A shard's index (``tar_index``) gives every member's byte offset and size, so the loader fetches one
+byte range per shard per window (one ranged GET) and slices samples out of it without parsing tar
+headers. A shard read whole is checked against its manifest sha256 first; a shard with no index yet is
+read whole, checked, and indexed on the way. Every position asked for yields exactly one outcome, a
+``LoadedSample`` or a ``LoadedReject`` with a reason, so padding and exactly-once bookkeeping never
+lose count when a shard is damaged. (The names differ from ``sources.base``'s ``Sample``/``Rejected``,
+which are records on their way *into* a dataset.)
+
+JPEGs decode with libjpeg-turbo through ``simplejpeg`` (PIL when it is missing, and for anything it
+refuses, so what is rejected is what PIL rejects), straight into the caller's preallocated uint8 slot,
+and at a reduced DCT scale when the training size is smaller than the stored one. A ``.npy`` image
+(ingest's ``image_format = "npy"``) is raw uint8 pixels: no decode at all.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
-import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,12 +28,20 @@ from typing import IO, Any
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data_pipeline import storage
+from data_pipeline.manifest import ShardEntry
+from data_pipeline.tar_index import TarIndex, build_index, cached_index, remember_index
 
-# Large reads: one GET per 16 MiB of shard instead of many small ranged requests.
+try:
+    import simplejpeg
+except ImportError:  # optional: PIL decodes everything, slower
+    simplejpeg = None
+
+# Large reads: one GET per 16 MiB of a streamed shard instead of many small ranged requests.
 READ_BLOCK_BYTES = 16 * 2**20
+JPEG_MAGIC = b"\xff\xd8"
+IMAGE_EXTS = ("jpg", "npy")
 
 
 @dataclass(frozen=True)
@@ -52,45 +66,6 @@ class LoadedReject:
         return f"shard {self.url}: sample '{self.key}': {self.reason} ({self.detail})"
 
 
-class _WindowDone(Exception):
-    """Raised from the member filter once entry ``hi`` begins: the rest of the tar is not needed."""
-
-
-class _EntryWindow:
-    """Counts entries as member names go by and selects only those inside the wanted ranges.
-
-    A member whose path would escape the shard (absolute, ``..``) is never part of an entry, so it can
-    neither split the real sample around it nor shift the count; it is noted against the entry it
-    follows (the first entry, if it comes first) and counted as an ``unsafe_member`` reject.
-    """
-
-    def __init__(self, ranges: list[tuple[int, int]]) -> None:
-        self.ranges = ranges
-        self.hi = ranges[-1][1]
-        self.index = -1
-        self.prefix: str | None = None
-        self.unsafe: dict[int, list[str]] = {}
-
-    def wanted(self, index: int) -> bool:
-        return any(lo <= index < hi for lo, hi in self.ranges)
-
-    def select(self, fname: str) -> bool:
-        if is_unsafe(fname):
-            owner = max(self.index, 0)
-            if self.wanted(owner):
-                self.unsafe.setdefault(owner, []).append(fname)
-            return False
-        prefix, _ = base_plus_ext(fname)
-        if prefix is None:  # no extension: not part of any sample (webdataset drops these too)
-            return False
-        if prefix != self.prefix:
-            self.index += 1
-            self.prefix = prefix
-            if self.index >= self.hi:
-                raise _WindowDone
-        return self.wanted(self.index)
-
-
 @functools.lru_cache(maxsize=16)
 def _filesystem(pid: int, protocol: str, credentials: tuple[tuple[str, str], ...]):
     """One filesystem per (process, store): a new s3fs instance costs ~0.5 s, and instances must not
@@ -98,13 +73,16 @@ def _filesystem(pid: int, protocol: str, credentials: tuple[tuple[str, str], ...
     return storage.filesystem(f"{protocol}://")[0]
 
 
+def _remote_fs(url: str):
+    protocol = url.split("://", 1)[0]
+    return _filesystem(os.getpid(), protocol, tuple(sorted(storage.credential_env().items())))
+
+
 def open_shard(url: str) -> IO[bytes]:
     """A sequential stream of the shard; object-store reads resume through an outage."""
     if storage.is_local(url):
         return storage.open_resilient(url)
-    protocol = url.split("://", 1)[0]
-    fs = _filesystem(os.getpid(), protocol, tuple(sorted(storage.credential_env().items())))
-    return storage.open_resilient(url, fs, block_size=READ_BLOCK_BYTES, cache_type="readahead")
+    return storage.open_resilient(url, _remote_fs(url), block_size=READ_BLOCK_BYTES, cache_type="readahead")
 
 
 def read_shard(url: str) -> bytes:
@@ -112,72 +90,186 @@ def read_shard(url: str) -> bytes:
         return stream.read()
 
 
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of the object at ``url`` in one ranged read (retried through an outage)."""
+    if end <= start:
+        return b""
+    if storage.is_local(url):
+        with open(url.removeprefix("file://"), "rb") as handle:
+            handle.seek(start)
+            return handle.read(end - start)
+    fs = _remote_fs(url)
+    path = fs._strip_protocol(url)
+    return storage.retrying(lambda: fs.cat_file(path, start=start, end=end), f"read {url} [{start}, {end})")
+
+
+class ShardWindow:
+    """Bytes ``[base, base + len(data))`` of one shard and its index: entries sliced out, no tar parsing."""
+
+    def __init__(self, url: str, index: TarIndex, data: bytes, base: int, count: int) -> None:
+        self.url, self.index, self.data, self.base, self.count = url, index, data, base, count
+
+    def members(self, i: int) -> dict[str, Any] | LoadedReject:
+        """Entry ``i`` as ``{"__key__", ext: bytes, ...}`` (plus ``__duplicate__``/``__unsafe__`` when
+        there were any), or ``truncated_tar`` when the tar does not deliver it whole."""
+        entries = self.index.entries
+        if i >= len(entries) or not entries[i].whole:
+            key = entries[i].key if i < len(entries) else f"<entry {i}>"
+            unsafe = entries[i].unsafe if i < len(entries) else ()
+            detail = self.index.truncated or "the shard has fewer entries than the manifest says"
+            return LoadedReject(key, self.url, "truncated_tar", detail, unsafe)
+        entry = entries[i]
+        members: dict[str, Any] = {"__key__": entry.key}
+        for ext, offset, size in entry.members:
+            members[ext] = self.data[offset - self.base : offset - self.base + size]
+        if entry.duplicate:
+            members["__duplicate__"] = entry.duplicate
+        if entry.unsafe:
+            members["__unsafe__"] = entry.unsafe
+        return members
+
+    def outcome(
+        self, i: int, image_size: int, *, out: np.ndarray | None = None, train_size: int | None = None
+    ) -> LoadedSample | LoadedReject:
+        members = self.members(i)
+        if isinstance(members, LoadedReject):
+            return members
+        return decode_entry(members, self.url, image_size, out=out, train_size=train_size)
+
+
+def load_window(url: str, entry: ShardEntry, index_url: str | None, lo: int, hi: int) -> ShardWindow | str:
+    """Entries ``[lo, hi)`` of a shard, read as one byte range; the shard is read whole (and checked
+    against the manifest sha256) when the window covers it or when it has no index yet, which is
+    then built and cached. Returns the checksum problem as a string instead when the check fails."""
+    index = cached_index(entry.sha256, entry.bytes, index_url)
+    if index is None or (lo == 0 and hi >= entry.num_samples):
+        data = read_shard(url)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != entry.sha256:
+            return f"sha256 {actual} ({len(data)} bytes), the manifest says {entry.sha256}"
+        if index is None:
+            index = build_index(data, actual)
+            remember_index(index)
+        return ShardWindow(url, index, data, 0, entry.num_samples)
+    start, end = index.byte_range(lo, hi)
+    return ShardWindow(url, index, read_range(url, start, end), start, entry.num_samples)
+
+
 def iter_entries(
-    url: str, ranges: list[tuple[int, int]], data: bytes | None = None
+    url: str, ranges: list[tuple[int, int]]
 ) -> Iterator[tuple[int, dict[str, Any] | LoadedReject]]:
-    """``(index, members)`` for every entry index in the sorted, disjoint ``ranges``, in one pass over
-    the shard (entries between ranges are skipped undecoded); ``members`` maps extension -> bytes, plus
-    ``__unsafe__`` (hostile member names dropped beside the entry) when there were any.
-
-    ``data``: the shard's bytes when already read whole (and verified); else the shard is streamed.
-    Indices the tar does not deliver (truncated or cut short) come back as ``LoadedReject('truncated_tar')``.
-    """
-    window = _EntryWindow(ranges)
-    failure: list[str] = []
-
-    def handler(exn: Exception) -> bool:
-        if not isinstance(exn, _WindowDone):
-            failure.append(str(exn).split(" @ ")[0])  # webdataset appends the stream object's repr
-        return False  # stop this shard either way
-
-    current: dict[str, Any] | None = None
-    current_index = -1
-    with open_shard(url) if data is None else io.BytesIO(data) as stream:
-        try:
-            for member in tar_file_iterator(stream, handler=handler, select_files=window.select):
-                if window.index != current_index:
-                    if current is not None:
-                        yield current_index, _with_unsafe(current, window, current_index)
-                    current, current_index = {"__key__": window.prefix}, window.index
-                _, ext = base_plus_ext(member["fname"])
-                ext = ext.lower()
-                if ext in current:
-                    current.setdefault("__duplicate__", ext)
-                current[ext] = member["data"]
-        except (tarfile.TarError, EOFError) as exc:
-            failure.append(str(exc))
-    # An entry is whole once the window has moved past it, or when the tar ended cleanly after it.
-    if current is not None and (not failure or current_index < window.index):
-        yield current_index, _with_unsafe(current, window, current_index)
-        next_index = current_index + 1
-    else:
-        next_index = current_index if current is not None else 0
-    detail = failure[0] if failure else "the shard has fewer entries than the manifest says"
-    for index in (i for lo, hi in ranges for i in range(max(lo, next_index), hi)):
-        key = current["__key__"] if current is not None and index == current_index else f"<entry {index}>"
-        unsafe = tuple(window.unsafe.get(index, ()))
-        yield index, LoadedReject(key, url, "truncated_tar", detail, unsafe)
+    """``(index, members)`` for every entry index in the sorted, disjoint ``ranges`` of a shard read
+    whole (no manifest: its index is built from, or cached under, the bytes' own sha256)."""
+    data = read_shard(url)
+    digest = hashlib.sha256(data).hexdigest()
+    index = cached_index(digest, len(data), None)
+    if index is None:
+        index = build_index(data, digest)
+        remember_index(index)
+    window = ShardWindow(url, index, data, 0, len(index.entries))
+    for i in (i for lo, hi in ranges for i in range(lo, hi)):
+        yield i, window.members(i)
 
 
-def _with_unsafe(members: dict[str, Any], window: _EntryWindow, index: int) -> dict[str, Any]:
-    unsafe = window.unsafe.pop(index, None)
-    return {**members, "__unsafe__": tuple(unsafe)} if unsafe else members
-
-
-def is_unsafe(name: str) -> bool:
-    """A member path that would land outside the extraction directory (absolute or with ``..``)."""
-    return name.startswith("/") or ".." in name.split("/")
-
-
-def header_problem(image: Image.Image, image_size: int) -> str | None:
-    """Checked from the header, before any pixel is decoded: a 10000x10000 PNG costs nothing."""
-    if image.size != (image_size, image_size):
-        return f"{image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}"
+def header_problem(size: tuple[int, int], image_size: int) -> str | None:
+    """Checked from the header (``(width, height)``), before any pixel is decoded: a 10000x10000 PNG
+    costs nothing."""
+    if size != (image_size, image_size):
+        return f"{size[0]}x{size[1]}, expected {image_size}x{image_size}"
     return None
 
 
-def decode_entry(members: dict[str, Any], url: str, image_size: int) -> LoadedSample | LoadedReject:
-    """JPEG straight to a uint8 (H, W, 3) array; caption and metadata checked; no float conversion."""
+def _fit(pixels: np.ndarray, size: int) -> np.ndarray:
+    """A DCT-reduced decode not exactly at the training size: resized the rest of the way."""
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _decode_turbo(
+    data: bytes, image_size: int, out: np.ndarray | None, train_size: int
+) -> np.ndarray | tuple[str, str] | None:
+    """libjpeg-turbo via simplejpeg; None when it declines (PIL then decides, and rejects as before)."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        problem = header_problem((width, height), image_size)
+        if problem is not None:
+            return "wrong_image_size", problem
+        if train_size == image_size:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=train_size, min_width=train_size)
+        return _fit(pixels, train_size)
+    except ValueError:
+        return None
+
+
+def _decode_pil(data: bytes, image_size: int, train_size: int) -> np.ndarray | tuple[str, str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the header check decides
+            with Image.open(io.BytesIO(data)) as img:
+                problem = header_problem(img.size, image_size)
+                if problem is not None:
+                    return "wrong_image_size", problem
+                if train_size < image_size:
+                    img.draft("RGB", (train_size, train_size))  # DCT scaling for JPEG; no-op otherwise
+                pixels = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
+        return "undecodable_image", f"{type(exc).__name__}: {exc}"
+    if pixels.shape != (image_size, image_size, 3) and train_size == image_size:  # a lying header
+        return "wrong_image_size", f"decoded {pixels.shape}, expected {image_size}x{image_size}"
+    return _fit(pixels, train_size)
+
+
+def _decode_npy(data: bytes, image_size: int, train_size: int) -> np.ndarray | tuple[str, str]:
+    """Raw uint8 pixels stored by ingest (``.npy``, never unpickled)."""
+    try:
+        pixels = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/OSError/EOFError for bad headers
+        return "undecodable_image", f"{type(exc).__name__}: {exc}"
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        return "undecodable_image", f"npy of {pixels.dtype} {pixels.shape}, expected uint8 (H, W, 3)"
+    problem = header_problem((pixels.shape[1], pixels.shape[0]), image_size)
+    if problem is not None:
+        return "wrong_image_size", problem
+    return _fit(pixels, train_size)
+
+
+def decode_image(
+    data: bytes,
+    image_size: int,
+    *,
+    out: np.ndarray | None = None,
+    train_size: int | None = None,
+    npy: bool = False,
+) -> np.ndarray | tuple[str, str]:
+    """``(train_size, train_size, 3)`` uint8 pixels (written into ``out`` when given), or
+    ``(reason, detail)``. ``image_size`` is the stored size the manifest promises, checked from the
+    header; a smaller ``train_size`` decodes at a reduced DCT scale (then resizes the rest)."""
+    train_size = train_size or image_size
+    if npy:
+        result = _decode_npy(data, image_size, train_size)
+    else:
+        result = None
+        if simplejpeg is not None and bytes(data[:2]) == JPEG_MAGIC:
+            result = _decode_turbo(data, image_size, out, train_size)
+        if result is None:
+            result = _decode_pil(data, image_size, train_size)
+    if out is not None and isinstance(result, np.ndarray) and not np.shares_memory(result, out):
+        out[...] = result
+        return out
+    return result
+
+
+def decode_entry(
+    members: dict[str, Any],
+    url: str,
+    image_size: int,
+    *,
+    out: np.ndarray | None = None,
+    train_size: int | None = None,
+) -> LoadedSample | LoadedReject:
+    """Image straight to a uint8 (H, W, 3) array (into ``out`` when given); caption and metadata checked."""
     key = members["__key__"]
     unsafe = members.get("__unsafe__", ())
 
@@ -186,22 +278,14 @@ def decode_entry(members: dict[str, Any], url: str, image_size: int) -> LoadedSa
 
     if "__duplicate__" in members:
         return reject("duplicate_member", f"two '.{members['__duplicate__']}' members")
-    if "jpg" not in members:
+    ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
+    if ext is None:
         return reject("missing_image", "no .jpg member")
     if "txt" not in members:
         return reject("missing_caption", "no .txt member")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the header check decides
-            with Image.open(io.BytesIO(members["jpg"])) as img:
-                problem = header_problem(img, image_size)
-                if problem is not None:
-                    return reject("wrong_image_size", problem)
-                image = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
-        return reject("undecodable_image", f"{type(exc).__name__}: {exc}")
-    if image.shape != (image_size, image_size, 3):  # a header that lied about the size
-        return reject("wrong_image_size", f"decoded {image.shape}, expected {image_size}x{image_size}")
+    image = decode_image(members[ext], image_size, out=out, train_size=train_size, npy=ext == "npy")
+    if isinstance(image, tuple):
+        return reject(*image)
     try:
         caption = members["txt"].decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -17,8 +17,8 @@ import webdataset
 
 from data_pipeline import storage
 from data_pipeline.manifest import ShardEntry
+from data_pipeline.tar_index import TAR_BLOCK, build_index, index_name
 
-TAR_BLOCK = 512
 FIXED_MTIME = 0  # reproducible shards: the same samples give the same bytes on every run
 TEMP_PREFIX = "tessera-shard-"  # local shards being built: tessera-shard-<pid>-<random>.tar
 
@@ -95,8 +95,14 @@ class ShardWriter:
         url = storage.join(self.dest, name)
         try:
             with open(self._path, "rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            size = os.path.getsize(self._path)
+                data = handle.read()
+            digest = hashlib.sha256(data).hexdigest()
+            size = len(data)
+            # The index first: a published shard always has its sidecar (a crash in between leaves an
+            # index without a shard, which the partition's redo overwrites).
+            storage.write_bytes_atomic(
+                storage.join(self.dest, index_name(name)), build_index(data, digest).to_bytes()
+            )
             storage.publish_file(self._path, url)
         finally:
             os.remove(self._path)
@@ -109,14 +115,15 @@ class ShardWriter:
                 bytes=size,
                 sha256=digest,
                 partition=self.partition,
+                index=index_name(name),
             )
         )
 
 
 def remove_partition_shards(dest: str, partition: int) -> None:
-    """Delete shards a crashed attempt at this partition may have published."""
+    """Delete shards (and their indexes) a crashed attempt at this partition may have published."""
     prefix = shard_prefix(partition)
-    for url in storage.list_files(dest, suffix=".tar"):
+    for url in storage.list_files(dest):
         if url.rsplit("/", 1)[-1].startswith(prefix):
             storage.remove(url)
 
