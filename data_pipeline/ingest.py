@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.dedup import HashRegistry
+from data_pipeline.dedup import HashOwners, HashRegistry, claim_hashes
 from data_pipeline.manifest import Manifest, ShardEntry, SourceLineage, save_manifest
 from data_pipeline.prep_config import IngestConfig
 from data_pipeline.shards import (
@@ -151,7 +151,7 @@ class PartitionIngest:
         """Claim the batch's pixel hashes in one actor call; write the samples this partition won."""
         digests = [pixel_hash(item.image) for item in batch]
         requests = [(digest, self.partition.index, item.index) for digest, item in zip(digests, batch)]
-        claimed = ray.get(self.registry.claim.remote(requests)) if requests else []
+        claimed = claim_hashes(self.registry, requests) if requests else []
         for digest, won, item in zip(digests, claimed, batch):
             if not won:
                 self.reject(item.key, "duplicate", f"pixels {digest[:12]} already ingested")
@@ -199,9 +199,18 @@ def _keep_verified(dest: str, done: dict[int, dict[str, Any]]) -> dict[int, dict
 
 
 def _run_partitions(
-    source: Source, parts: list[Partition], config: IngestConfig, fp: str, done: dict[int, dict[str, Any]]
+    source: Source,
+    parts: list[Partition],
+    config: IngestConfig,
+    fp: str,
+    done: dict[int, dict[str, Any]],
+    in_process: bool = False,
 ) -> dict[int, dict[str, Any]]:
     owners = {digest: (p, index) for p, marker in done.items() for digest, index in marker["hashes"].items()}
+    if in_process:  # one after another in this process: the same bytes as the Ray path, no Ray
+        registry = HashOwners(owners)
+        todo = [part for part in parts if part.index not in done]
+        return {**done, **{p.index: PartitionIngest(source, p, config, fp, registry).run() for p in todo}}
     # On the driver's node: a worker node that dies must not take the dedup state with it (its
     # partitions' tasks are retried elsewhere, Ray's default max_retries=3 for a lost worker or node).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -246,11 +255,12 @@ def _cancel(pending: dict) -> None:
             ray.get(ref)
 
 
-def ingest_config(config: IngestConfig, source: Source | None = None) -> Manifest:
-    """Run an ingest described by ``config`` on the Ray cluster the caller initialised."""
+def ingest_config(config: IngestConfig, source: Source | None = None, in_process: bool = False) -> Manifest:
+    """Run an ingest described by ``config`` on the Ray cluster the caller initialised, or with
+    ``in_process`` its partitions one after another in this process (tiny ingests: no Ray start-up)."""
     if config.dest is None:
         raise IngestError("ingest needs a dest URL (--dest or ingest.dest)")
-    if not ray.is_initialized():
+    if not in_process and not ray.is_initialized():
         raise IngestError("Ray is not initialised: call cluster.runtime.init_ray(address) first")
     if storage.is_local(config.dest) and "://" not in config.dest:
         # Shard URLs in the manifest must not depend on the directory the command ran from.
@@ -270,7 +280,7 @@ def ingest_config(config: IngestConfig, source: Source | None = None) -> Manifes
     remove_orphan_temp_shards()
     finished = _finished_markers(config.dest, fp)
     done = _keep_verified(config.dest, finished)
-    results = _run_partitions(source, parts, config, fp, done)
+    results = _run_partitions(source, parts, config, fp, done, in_process)
 
     markers = [results[p.index] for p in parts]
     shards = [ShardEntry.model_validate(entry) for marker in markers for entry in marker["shards"]]
