@@ -47,7 +47,7 @@ from data_pipeline.tokenizer import load_tokenizer
 
 STATE_FORMAT = "tessera-loader/1"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-DEFAULT_WINDOW_SHARDS = 8  # shards whose samples a rank mixes at a time (all held in memory per worker)
+DEFAULT_WINDOW_SHARDS = 16  # shards whose samples a rank mixes at a time (all held in memory per worker)
 MAX_READ_THREADS = 8  # a window's shards are fetched concurrently, at most this many at once
 
 
