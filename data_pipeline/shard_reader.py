@@ -197,7 +197,11 @@ def _decode_turbo(
             return "wrong_image_size", problem
         if train_size == image_size:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=train_size, min_width=train_size)
+        # Power-of-two DCT scales only, as PIL's draft: turbo's M/8 scales (3/8...) alias visibly.
+        scaled = image_size
+        while scaled % 2 == 0 and scaled // 2 >= train_size and image_size // (scaled // 2) <= 8:
+            scaled //= 2
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=scaled, min_width=scaled)
         return _fit(pixels, train_size)
     except ValueError:
         return None
