@@ -87,6 +87,8 @@ class DataConfig(BaseModel):
 
     manifest: str  # URL of a manifest.json written by `tessera ingest`
     num_workers: int = Field(0, ge=0)
+    shuffle: bool = True  # samples in a seeded order within windows of shards; False: tar order per shard
+    window_shards: int = Field(16, ge=1)  # shards a rank mixes at a time (each worker holds their bytes)
     tokenizer: str | None = None  # tokenizer.json URL, for stages that read captions
     text_len: int = Field(64, ge=1)
     validation_manifest: str | None = None  # held-out data for eval; default: the first training samples

@@ -126,6 +126,8 @@ def run_training(config: Any, parts: StageParts, *, stage: str) -> dict[str, Any
         batch_size=config.engine.micro_batch_size * config.engine.grad_accum,
         seed=run.seed,
         num_workers=data.num_workers,
+        shuffle=data.shuffle,
+        window_shards=data.window_shards,
         tokenizer=data.tokenizer,
         text_len=data.text_len if data.tokenizer else None,
     )
