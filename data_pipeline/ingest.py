@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 from PIL import Image
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -59,6 +61,8 @@ def marker_url(dest: str, partition: int) -> str:
 
 def fingerprint(config: IngestConfig, lineage: dict[str, Any]) -> str:
     settings = config.model_dump(exclude=set(NOT_IN_FINGERPRINT))
+    if settings["image_format"] == "jpg":  # added later: datasets written before keep their fingerprint
+        del settings["image_format"]
     return hashlib.sha256(json.dumps([settings, lineage], sort_keys=True).encode()).hexdigest()
 
 
@@ -147,6 +151,14 @@ class PartitionIngest:
         metadata = {**record.metadata, "key": key, "original_size": list(decoded.size)}
         return Prepared(index, key, image, caption, metadata)
 
+    def image_member(self, image: Image.Image) -> dict[str, bytes]:
+        """``{"jpg": JPEG}``, or ``{"npy": raw uint8 (H, W, 3)}`` with ``image_format = "npy"``."""
+        if self.config.image_format == "jpg":
+            return {"jpg": encode_jpeg(image, self.config.jpeg_quality)}
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(image.convert("RGB"), dtype=np.uint8), allow_pickle=False)
+        return {"npy": buffer.getvalue()}
+
     def flush(self, batch: list[Prepared]) -> None:
         """Claim the batch's pixel hashes in one actor call; write the samples this partition won."""
         digests = [pixel_hash(item.image) for item in batch]
@@ -161,7 +173,7 @@ class PartitionIngest:
             self.writer.write(
                 item.key,
                 {
-                    "jpg": encode_jpeg(item.image, self.config.jpeg_quality),
+                    **self.image_member(item.image),
                     "txt": item.caption.encode("utf-8"),
                     "json": json.dumps(metadata, sort_keys=True, default=str).encode("utf-8"),
                 },
@@ -298,6 +310,7 @@ def ingest_config(config: IngestConfig, source: Source | None = None, in_process
             num_requested=config.num_samples,
         ),
         image_size=config.image_size,
+        image_format=config.image_format,
         num_samples=sum(shard.num_samples for shard in shards),
         total_bytes=sum(shard.bytes for shard in shards),
         shards=shards,

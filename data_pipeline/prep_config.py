@@ -32,6 +32,11 @@ class IngestConfig(BaseModel):
     )
     min_image_size: int = Field(default=16, ge=1, description="shorter source side below this -> too_small")
     jpeg_quality: int = Field(default=95, ge=50, le=100)
+    image_format: Literal["jpg", "npy"] = Field(
+        default="jpg",
+        description='"npy": raw uint8 pixels, no decode when read (tiny images, where JPEG decode costs '
+        "more than the bytes it saves)",
+    )
     max_file_bytes: int = Field(
         default=64 * 2**20, ge=1024, description="a source file (or tar member) above this is rejected unread"
     )
