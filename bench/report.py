@@ -62,6 +62,16 @@ def overhead_claim(report: dict) -> list[str]:
     ]
 
 
+# How each key of a loader result's "targets" reads in the summary table.
+LOADER_TARGETS = {
+    "tessera_vs_webdataset": ">= {:g}x",
+    "scaling_efficiency_1_to_2": ">= {:g} scaling",
+    "tessera_vs_streaming": ">= {:g}x streaming",
+    "tessera_cpu_vs_webdataset": "CPU/sample <= 1/{:g} of webdataset's",
+    "shuffle_cost": "shuffle <= {:.0%} over shuffle=False",
+}
+
+
 def loader_claim(report: dict) -> list[str]:
     settings, targets = report["settings"], report["targets"]
     rows, decodes = loader_rows(report), baseline_decodes(report)
@@ -73,6 +83,18 @@ def loader_claim(report: dict) -> list[str]:
                 f"{workers} worker{'s' * (workers > 1)}: {ours['samples_per_s']:,.0f} vs "
                 f"{base['samples_per_s']:,.0f} samples/s = **{ours['vs_webdataset']:.2f}x**"
             )
+    ours = rows.get(("tessera", 1))
+    if ours and ours.get("vs_streaming"):
+        parts.append(f"**{ours['vs_streaming']:.2f}x** mosaic streaming (1 worker)")
+    if ours and ("tessera-ordered", 1) in rows:
+        ordered = rows[("tessera-ordered", 1)]["samples_per_s"]
+        parts.append(f"shuffle costs {ordered / ours['samples_per_s'] - 1:.0%} (1 worker)")
+    if ours and "tessera_cpu_vs_webdataset" in targets:
+        base_cpu = rows[("webdataset", 1)]["cpu_us_per_sample"]
+        parts.append(
+            f"CPU {ours['cpu_us_per_sample']:,.0f} vs {base_cpu:,.0f} us/sample = "
+            f"**{ours['cpu_vs_webdataset']:.2f}x** less (1 worker)"
+        )
     if ("tessera", 2) in rows:
         parts.append(f"scaling 1->2 workers {rows[('tessera', 2)]['scaling_efficiency']:.2f}")
     if ("webdataset-float", 1) in rows:
@@ -90,7 +112,7 @@ def loader_claim(report: dict) -> list[str]:
         f"`{report['command']}`",
         f'`webdataset.WebDataset(...).decode("{decodes["webdataset"]}")` + DataLoader',
         "; ".join(parts),
-        f">= {targets['tessera_vs_webdataset']}x, >= {targets['scaling_efficiency_1_to_2']} scaling",
+        ", ".join(LOADER_TARGETS[name].format(value) for name, value in targets.items()),
         "`loader.json`",
     ]
 
@@ -137,6 +159,7 @@ def render_summary(results: dict[str, dict]) -> str:
         loader_claim(results["loader"]),
         sampling_claim(results["sampling"]),
         attention_claim(results.get("attention")),
+        ingest_claim(results.get("ingest")),
     ]
     return table(["claim", "command", "baseline", "result", "target", "JSON"], rows)
 
@@ -168,8 +191,12 @@ def render_loader(results: dict[str, dict]) -> str:
     names = {
         **{name: f'webdataset `decode("{spec}")`' for name, spec in decodes.items()},
         "tessera": "**tessera**",
+        "tessera-ordered": "tessera `shuffle=False`",
+        "streaming": "mosaic `StreamingDataset` (MDS, shuffled, cold cache)",
         "ray-data": "Ray Data `read_webdataset`",
     }
+    # Columns a run has data for (runs before the streaming peer have no "vs streaming").
+    streaming = any(row.get("vs_streaming") for row in report["results"])
 
     def number(value, spec: str, suffix: str = "") -> str:
         return "-" if value is None else f"{value:{spec}}{suffix}"
@@ -182,6 +209,7 @@ def render_loader(results: dict[str, dict]) -> str:
             else str(row["workers"]),
             number(row["samples_per_s"], ",.0f"),
             number(row["vs_webdataset"], ".2f", "x"),
+            *([number(row.get("vs_streaming"), ".2f", "x")] if streaming else []),
             number(row["scaling_efficiency"], ".2f"),
             number(row["cpu_us_per_sample"], ".0f"),
             number(row["cpu_vs_webdataset"], ".2f", "x"),
@@ -191,10 +219,12 @@ def render_loader(results: dict[str, dict]) -> str:
     versions = report["versions"]
     loads = [r["load_average_1min"] for row in report["results"] for r in row["repeats"]]
     note = f" {report['note']}" if report.get("note") else ""
+    streaming_version = versions.get("mosaicml-streaming")
+    peer = f", mosaicml-streaming {streaming_version}" if streaming_version else ""
     return (
         f"`{report['command']}` on {report['store']}, {report['cores']} cores, {report['date'][:10]} (torch "
         f"{versions['torch']}, webdataset {versions['webdataset']}, Pillow {versions['pillow']}, s3fs "
-        f"{versions['s3fs']}, Ray {versions['ray']}; 1-min load average {min(loads):g}-{max(loads):g})."
+        f"{versions['s3fs']}, Ray {versions['ray']}{peer}; 1-min load average {min(loads):g}-{max(loads):g})."
         f"{note} "
         f"Ratios are against the `{decodes['webdataset']}` baseline at the same worker count.\n\n"
         + table(
@@ -203,11 +233,91 @@ def render_loader(results: dict[str, dict]) -> str:
                 "workers",
                 "samples/s",
                 "vs webdataset",
+                *(["vs streaming"] if streaming else []),
                 "scaling 1->2",
                 "CPU us/sample",
                 "CPU vs webdataset",
             ],
             rows,
+        )
+    )
+
+
+def ingest_claim(report: dict | None) -> list[str]:
+    claim = [
+        "ingest of a folder of JPEGs into 64 px WebDataset shards (images/s, CPU per image)",
+        "`python bench/ingest.py`",
+        "img2dataset over the same images served on 127.0.0.1",
+    ]
+    target = ">= 1.5x img2dataset per core; Ray start-up <= 2 s of a local ingest"
+    if report is None:
+        return [*claim, "**unmeasured**: run `python bench/ingest.py` on an idle machine", target, "-"]
+    full = [row for row in report["results"] if row["images"] == report["settings"]["images"]]
+    parts = [
+        f"{row['dest']}, {row['workers']} worker{'s' * (row['workers'] > 1)} ({row['mode']}): "
+        f"**{row['vs_img2dataset']:.2f}x** images/s, **{row['cpu_vs_img2dataset']:.2f}x** per core"
+        for row in full
+        if row["tool"] == "tessera" and row["vs_img2dataset"]
+    ]
+    if report.get("ray_startup_s") is not None:
+        parts.append(f"Ray start-up {report['ray_startup_s']:.1f} s ({report['settings']['tiny']} images)")
+    return [claim[0], f"`{report['command']}`", claim[2], "; ".join(parts), target, "`ingest.json`"]
+
+
+def render_ingest(results: dict[str, dict]) -> str:
+    report = results.get("ingest")
+    if report is None:
+        return "**unmeasured**: run `python bench/ingest.py` on an idle machine\n"
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    rows = [
+        [
+            f"**{row['tool']}**" if row["tool"] == "tessera" else row["tool"],
+            row["mode"] or "processes",
+            row["dest"],
+            str(row["workers"]),
+            f"{row['images']:,}",
+            f"{row['seconds']:.1f}",
+            f"{row['images_per_s']:,.0f}",
+            ratio(row["vs_img2dataset"]),
+            f"{row['cpu_ms_per_image']:.2f}",
+            ratio(row["cpu_vs_img2dataset"]),
+        ]
+        for row in report["results"]
+    ]
+    settings, versions = report["settings"], report["versions"]
+    loads = [r["load_average_1min"] for row in report["results"] for r in row["repeats"]]
+    note = f" {report['note']}" if report.get("note") else ""
+    startup = report.get("ray_startup_s")
+    return (
+        f"`{report['command']}` ({settings['images']:,} {settings['source_size']} px JPEGs to "
+        f"{settings['output_size']} px shards; {report['store'] or 'no'} store, {report['cores']} cores, "
+        f"{report['date'][:10]}, img2dataset {versions['img2dataset']}, Ray {versions['ray']}; 1-min load "
+        f"average {min(loads):g}-{max(loads):g}).{note} Medians of {settings['repeats']} interleaved runs of "
+        "the whole command line; ratios against img2dataset at the same workers and destination (CPU: "
+        "images per CPU-second, i.e. per core).\n\n"
+        + table(
+            [
+                "tool",
+                "mode",
+                "dest",
+                "workers",
+                "images",
+                "seconds",
+                "images/s",
+                "vs img2dataset",
+                "CPU ms/image",
+                "per core vs img2dataset",
+            ],
+            rows,
+        )
+        + (
+            f"\nRay start-up in a {settings['tiny']}-image local ingest (Ray minus in-process wall time): "
+            f"{startup:.2f} s (target <= 2 s).\n"
+            if startup is not None
+            else ""
         )
     )
 
@@ -252,6 +362,7 @@ RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "trainer-overhead": render_trainer_overhead,
     "loader": render_loader,
     "contamination": render_contamination,
+    "ingest": render_ingest,
 }
 
 
