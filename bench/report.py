@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("docs/benchmarks.md", "docs/training.md", "docs/loader.md")
+DOCS = ("docs/benchmarks.md", "docs/training.md", "docs/loader.md", "docs/evals.md")
 BLOCK = re.compile(
     r"(?P<open><!-- bench-report:(?P<name>[\w-]+)[^\n]*?-->\n)"
     r"(?P<body>.*?)"
@@ -357,12 +357,45 @@ def render_contamination(results: dict[str, dict]) -> str:
     )
 
 
+# -- reranking (docs/evals.md) --------------------------------------------------------------------------
+def render_rerank(results: dict[str, dict]) -> str:
+    report = results.get("rerank")
+    if report is None:
+        return "**unmeasured**: run `python bench/rerank.py` after `make demo`\n"
+    rows = []
+    for n, result in report["results"].items():
+        for group in ("seen", "heldout"):
+            entry = result["alignment"].get(group, {}).get("prompt")
+            if entry:
+                low, high = entry["ci95"]
+                score = result["mean_kept_score"][group]
+                rows.append(
+                    [
+                        n,
+                        group,
+                        f"{entry['accuracy']:.3f}",
+                        f"[{low:.3f}, {high:.3f}]",
+                        str(entry["total"]),
+                        f"{score:.3f}",
+                    ]
+                )
+    sampling = report["sampling"]
+    return (
+        f"`{report['command']}` ({report['date'][:10]}; DALL-E `{report['dalle']}`, dVAE `{report['dvae']}`, "
+        f"judge `{report['judge']}`; {report['captions_per_manifest']} captions per eval manifest, "
+        f"temperature {sampling['temperature']}, top-k {sampling['top_k']}, "
+        f"guidance {sampling['guidance_scale']}):\n\n"
+        + table(["N", "prompts", "whole-prompt alignment", "Wilson 95%", "n", "mean judge score kept"], rows)
+    )
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "summary": render_summary,
     "trainer-overhead": render_trainer_overhead,
     "loader": render_loader,
     "contamination": render_contamination,
     "ingest": render_ingest,
+    "rerank": render_rerank,
 }
 
 
