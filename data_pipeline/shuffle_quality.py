@@ -46,7 +46,7 @@ def plan_quality(
     position, and between delivery position and the position a loader streaming the epoch's shards
     front to back (``shuffle=False``) would deliver the same sample at (1.0 for that loader)."""
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    distinct, rhos, stream_rhos, window_sizes = [], [], [], []
+    distinct, targets, rhos, stream_rhos, window_sizes = [], [], [], [], []
     for rank in range(world_size):
         plan = {
             mixed: rank_batches(
@@ -63,11 +63,16 @@ def plan_quality(
             for mixed in {shuffle, False}
         }
         batches = plan[shuffle]
-        distinct += [len(np.unique(batch.shard)) for batch in batches if len(batch) == batch_size]
         delivered = Positions.concat(batches)
-        window_sizes += [
-            len(np.unique(delivered.shard[delivered.window == w])) for w in np.unique(delivered.window)
-        ]
+        in_window = {
+            int(w): set(delivered.shard[delivered.window == w].tolist()) for w in np.unique(delivered.window)
+        }
+        window_sizes += [len(shards) for shards in in_window.values()]
+        for batch in (batch for batch in batches if len(batch) == batch_size):
+            distinct.append(len(np.unique(batch.shard)))
+            targets.append(
+                min(8, len(set().union(*(in_window[w] for w in np.unique(batch.window).tolist()))))
+            )
         tar_position = offsets[delivered.shard] + delivered.entry
         rhos.append(spearman_rho(np.arange(len(delivered)), tar_position))
         # The same positions as a loader streaming each shard front to back would deliver them.
@@ -84,6 +89,8 @@ def plan_quality(
         "shuffle": shuffle,
         "shards_per_window_max": int(max(window_sizes, default=0)),
         "mean_distinct_shards_per_batch": float(np.mean(distinct)) if distinct else 0.0,
+        # The issue's bar, batch by batch: min(8, shards in the window(s) the batch draws from).
+        "mean_distinct_target": float(np.mean(targets)) if targets else 0.0,
         "spearman_rho": float(np.mean(rhos)),
         "spearman_rho_vs_streaming": float(np.mean(stream_rhos)),
     }
