@@ -128,7 +128,7 @@ class _Planted:
 def test_a_hostile_pickle_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"blocks": _Planted(str(marker))}, tmp_path / "encoder.pkl")
-    with pytest.raises(ValueError, match="not readable weights-only"):
+    with pytest.raises(ValueError, match="refused by weights-only loading .*GLOBAL os.makedirs"):
         read_dall_e_state(str(tmp_path / "encoder.pkl"))
     assert not marker.exists()
 

@@ -48,6 +48,19 @@ def _safe_globals() -> list[Any]:
     return [*((_PickledModule, name) for name in DALL_E_CLASSES), *TORCH_LAYERS]
 
 
+def _reason(exc: Exception) -> str:
+    """torch's refusal without its boilerplate: the unsupported global or record it met."""
+    boilerplate = (
+        "Weights only load failed",
+        "Check the documentation",
+        "Please file an issue",
+        "(1)",
+        "(2)",
+    )
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith(boilerplate))[:300]
+
+
 def read_dall_e_state(path: str, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The weights of a pickled ``dall_e`` Encoder or Decoder in the local file ``path``."""
     if "://" in path:
@@ -64,9 +77,9 @@ def read_dall_e_state(path: str, *, trust_pickle: bool = False) -> dict[str, tor
                 module = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise ValueError(
-                f"{path}: not readable weights-only ({str(exc).strip().splitlines()[-1][:200]}). A file in "
-                "torch's legacy format must be unpickled in full: if you trust this local file (openai's "
-                "released dVAE), rerun with --trust-pickle (needs `pip install --no-deps DALL-E`)"
+                f"{path}: refused by weights-only loading ({_reason(exc)}). openai's files load this way "
+                "unless saved in torch's legacy format; if you trust this local file, --trust-pickle "
+                "unpickles it in full, running code from it (needs `pip install --no-deps DALL-E`)"
             ) from exc
     if not isinstance(module, nn.Module):
         raise ValueError(f"{path}: holds a {type(module).__name__}, not a pickled dall_e Encoder/Decoder")
