@@ -389,7 +389,49 @@ def render_rerank(results: dict[str, dict]) -> str:
     )
 
 
+# -- shuffle quality (docs/loader.md) -------------------------------------------------------------------
+def render_shuffle_quality(results: dict[str, dict]) -> str:
+    report = results.get("shuffle_quality")
+    if report is None:
+        return "**unmeasured**: run `python bench/shuffle_quality.py`\n"
+    rows = [
+        [
+            str(row["world_size"]),
+            str(row["window_shards"]),
+            "yes" if row["shuffle"] else "no (tar order)",
+            str(row["shards_per_window_max"]),
+            f"{row['mean_distinct_shards_per_batch']:.2f} ({row['mean_distinct_target']:.2f})",
+            f"{row['spearman_rho']:+.3f}",
+            f"{row['spearman_rho_vs_streaming']:+.3f}",
+        ]
+        for row in report["plan"]
+    ]
+    shards = report["dataset"]["shard_samples"]
+    measured = report["loader_measured"]
+    return (
+        f"`{report['command']}` ({report['date'][:10]}; {report['dataset']['manifest']}: "
+        f"{sum(shards):,} samples in {len(shards)} shards of {min(shards)}-{max(shards)}; "
+        f"batch {report['batch_size']}; from the plan, no timing):\n\n"
+        + table(
+            [
+                "world size",
+                "window (shards)",
+                "shuffle",
+                "shards per window (max)",
+                "distinct shards per batch (target)",
+                "rho vs tar position",
+                "rho vs streaming order",
+            ],
+            rows,
+        )
+        + f"\nThe real loader (one rank, default window) delivered {measured['samples']:,} samples at "
+        f"{measured['mean_distinct_shards_per_batch']:.2f} distinct shards per batch, "
+        f"rho {measured['spearman_rho']:+.3f}: the plan's figures.\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
+    "shuffle-quality": render_shuffle_quality,
     "summary": render_summary,
     "trainer-overhead": render_trainer_overhead,
     "loader": render_loader,
