@@ -16,7 +16,7 @@ from dall_e import Decoder, Encoder, map_pixels, unmap_pixels
 
 from cluster import cli
 from trainer.checkpoint import read_model_config
-from trainer.inference import load_frozen_dvae
+from trainer.inference import checkpoint_or_newest, load_frozen_dvae
 from trainer.models.dvae import DVAE, DVAEConfig
 from trainer.models.openai_dvae_import import convert, infer_config, read_dall_e_state
 
@@ -75,6 +75,24 @@ def test_imported_dvae_reproduces_dall_e_codes_and_reconstructions(tmp_path, cap
     # Every code through the decoder, not only those the encoder picked.
     everything = torch.arange(VOCAB).view(-1, 4, 4)[:8]
     assert torch.equal(ours.decode(everything), dall_e_decode(decoder, everything))
+
+
+@torch.no_grad()
+def test_import_to_an_object_store_reads_back(tmp_path, capsys, s3_ceph):
+    """The checkpoint goes to real S3 (Ceph) like a trained one and loads from there (verified sha256s)."""
+    encoder, decoder = random_pair(seed=5)
+    torch.save(encoder, tmp_path / "encoder.pkl")
+    torch.save(decoder, tmp_path / "decoder.pkl")
+    out = s3_ceph.url("openai-dvae")
+    status, result = run_import(
+        capsys,
+        *("--encoder", str(tmp_path / "encoder.pkl"), "--decoder", str(tmp_path / "decoder.pkl")),
+        *("--out", out, "--image-size", "32"),
+    )
+    assert status == 0 and result["checkpoint"].startswith(out)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    ours = load_frozen_dvae(checkpoint_or_newest(out))
+    assert torch.equal(ours.encoder(map_pixels(images)), encoder(map_pixels(images)))
 
 
 def test_full_size_matches_configs_dvae_dalle(tmp_path):
