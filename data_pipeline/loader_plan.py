@@ -79,21 +79,6 @@ def merge_intervals(intervals: list[Interval]) -> list[Interval]:
     return [(lo, hi) for lo, hi in merged]
 
 
-def subtract_intervals(lo: int, hi: int, taken: list[Interval]) -> list[Interval]:
-    """``[lo, hi)`` minus the merged intervals ``taken``."""
-    free: list[Interval] = []
-    cursor = lo
-    for t_lo, t_hi in taken:
-        if t_hi <= cursor or t_lo >= hi:
-            continue
-        if t_lo > cursor:
-            free.append((cursor, t_lo))
-        cursor = max(cursor, t_hi)
-    if cursor < hi:
-        free.append((cursor, hi))
-    return free
-
-
 def intervals_of(entries: np.ndarray) -> list[Interval]:
     """Sorted entry indices (any order in) as merged half-open intervals."""
     if not len(entries):

@@ -106,8 +106,8 @@ def read_range(url: str, start: int, end: int) -> bytes:
 class ShardWindow:
     """Bytes ``[base, base + len(data))`` of one shard and its index: entries sliced out, no tar parsing."""
 
-    def __init__(self, url: str, index: TarIndex, data: bytes, base: int, count: int) -> None:
-        self.url, self.index, self.data, self.base, self.count = url, index, data, base, count
+    def __init__(self, url: str, index: TarIndex, data: bytes, base: int) -> None:
+        self.url, self.index, self.data, self.base = url, index, data, base
 
     def members(self, i: int) -> dict[str, Any] | LoadedReject:
         """Entry ``i`` as ``{"__key__", ext: bytes, ...}`` (plus ``__duplicate__``/``__unsafe__`` when
@@ -150,9 +150,9 @@ def load_window(url: str, entry: ShardEntry, index_url: str | None, lo: int, hi:
         if index is None:
             index = build_index(data, actual)
             remember_index(index)
-        return ShardWindow(url, index, data, 0, entry.num_samples)
+        return ShardWindow(url, index, data, 0)
     start, end = index.byte_range(lo, hi)
-    return ShardWindow(url, index, read_range(url, start, end), start, entry.num_samples)
+    return ShardWindow(url, index, read_range(url, start, end), start)
 
 
 def iter_entries(
@@ -166,7 +166,7 @@ def iter_entries(
     if index is None:
         index = build_index(data, digest)
         remember_index(index)
-    window = ShardWindow(url, index, data, 0, len(index.entries))
+    window = ShardWindow(url, index, data, 0)
     for i in (i for lo, hi in ranges for i in range(lo, hi)):
         yield i, window.members(i)
 

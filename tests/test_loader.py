@@ -29,7 +29,7 @@ from PIL import Image
 from data_pipeline import storage
 from data_pipeline.ledger import SampleLedger, manifest_keys, sample_id
 from data_pipeline.loader import LoaderError, derived_seed, merge_states, open_loader
-from data_pipeline.loader_plan import merge_intervals, rank_batches, subtract_intervals
+from data_pipeline.loader_plan import intervals_of, merge_intervals, rank_batches
 from data_pipeline.manifest import (
     Manifest,
     ManifestError,
@@ -122,8 +122,8 @@ def all_keys(dataset: Manifest) -> set:
 
 def test_intervals_merge_and_subtract():
     assert merge_intervals([(5, 7), (0, 2), (2, 3), (6, 9), (4, 4)]) == [(0, 3), (5, 9)]
-    assert subtract_intervals(0, 10, [(0, 2), (4, 5), (8, 12)]) == [(2, 4), (5, 8)]
-    assert subtract_intervals(3, 6, []) == [(3, 6)]
+    assert intervals_of(np.array([7, 1, 2, 9, 8, 3])) == [(1, 4), (7, 10)]
+    assert intervals_of(np.array([], dtype=np.int64)) == []
 
 
 @pytest.mark.parametrize(("shuffle", "window_shards"), [(True, 2), (True, 8), (False, 8)])

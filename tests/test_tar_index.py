@@ -51,7 +51,7 @@ def check_index(data: bytes) -> None:
     reference = tarfile_members(data)
     assert [(n, o, s) for n, o, s, _ in reference] == list(index.members)
     assert all(data[o : o + s] == payload for _, o, s, payload in reference)
-    window = ShardWindow("mem", index, data, 0, len(index.entries))
+    window = ShardWindow("mem", index, data, 0)
     sliced = [window.members(i) for i in range(len(index.entries))]
     assert sliced == webdataset_samples(data)
     assert index.truncated is None
