@@ -176,6 +176,14 @@ def _cache_path(sha256: str) -> str:
 
 
 _MEMORY: dict[str, TarIndex] = {}  # per process: a worker loads each shard's index once
+MEMORY_INDEXES = 1024  # at most this many kept (oldest dropped first): ~60 KiB each for 500-sample shards
+
+
+def _keep(index: TarIndex) -> TarIndex:
+    _MEMORY[index.sha256] = index
+    while len(_MEMORY) > MEMORY_INDEXES:
+        del _MEMORY[next(iter(_MEMORY))]
+    return index
 
 
 def cached_index(sha256: str, size: int, sidecar_url: str | None) -> TarIndex | None:
@@ -193,14 +201,13 @@ def cached_index(sha256: str, size: int, sidecar_url: str | None) -> TarIndex | 
             index = parse_index(storage.read_bytes(url), sha256=sha256, size=size, where=url)
         except (FileNotFoundError, TarIndexError):
             continue
-        _MEMORY[sha256] = index
-        return index
+        return _keep(index)
     return None
 
 
 def remember_index(index: TarIndex) -> None:
     """Keep an index built on first read, in this process and in the local cache (best effort)."""
-    _MEMORY[index.sha256] = index
+    _keep(index)
     path = _cache_path(index.sha256)
     with contextlib.suppress(OSError):  # a read-only home: the next process rebuilds it
         storage.write_bytes_atomic(path, index.to_bytes())

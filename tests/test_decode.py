@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from data_pipeline import shard_reader
+from data_pipeline.loader import open_loader
 from data_pipeline.shard_reader import decode_entry, decode_image
+from tests.test_loader import write_dataset
 from tests.test_sources import png_header_only
 
 
@@ -132,3 +134,19 @@ def test_raw_npy_pixels_need_no_decode_and_are_checked():
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)  # a pickle inside: never loaded
     outcome = decode_entry(members(buffer.getvalue(), "npy"), "s", 32)
     assert outcome.reason == "undecodable_image" and "pickle" in outcome.detail.lower()
+
+
+def test_the_loader_decodes_at_a_smaller_training_size(tmp_path):
+    manifest = write_dataset(str(tmp_path), (5,))  # 32 px random-noise JPEGs
+    small = next(
+        iter(open_loader(manifest, rank=0, world_size=1, batch_size=4, seed=0, num_workers=0, image_size=16))
+    )
+    full = next(iter(open_loader(manifest, rank=0, world_size=1, batch_size=4, seed=0, num_workers=0)))
+    assert small["image"].shape == (4, 3, 16, 16) and small["__key__"] == full["__key__"]
+    # Random-noise JPEGs: the DCT-halved decode sits ~11 levels from the 2x2 means of the full decode
+    # (noise is all high frequency, which JPEG and the DCT scaling treat differently); plain 2x
+    # subsampling of the full decode sits ~36 away, so 20 separates a reduced decode from a subsample.
+    pooled = full["image"].double().reshape(4, 3, 16, 2, 16, 2).mean(dim=(3, 5))
+    assert (small["image"].double() - pooled).abs().mean() < 20
+    with pytest.raises(ValueError, match="image_size must be in"):
+        open_loader(manifest, rank=0, world_size=1, batch_size=4, seed=0, image_size=64)

@@ -356,7 +356,11 @@ def test_ingest_and_loader_ride_out_a_30s_gateway_outage(ray_local, s3_ceph, tmp
     """The real Ceph gateway is killed while an ingest writes to it and a loader reads from it;
     30 s later it is started again. Both finish, and what they produced or delivered is whole."""
     dataset = upload(write_dataset(str(tmp_path / "local"), UNEVEN), s3_ceph.url("outage-read"))
-    loader = open_loader(dataset.location, rank=0, world_size=1, batch_size=2, seed=0, num_workers=1)
+    # One-shard windows: the worker fetches shard after shard, so reads fall inside the outage (a
+    # window of every shard would be fetched whole before the gateway goes down).
+    loader = open_loader(
+        dataset.location, rank=0, world_size=1, batch_size=2, seed=0, num_workers=1, window_shards=1
+    )
     ledger = SampleLedger()
     batches = iter(loader)
     ledger.record(next(batches))
