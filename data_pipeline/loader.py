@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.loader_plan import (
     Interval,
     Positions,
+    consumed_masks,
     intervals_of,
     last_use,
     merge_intervals,
@@ -282,7 +283,7 @@ class TesseraLoader:
     def _start(self, epoch: int, consumed: dict[int, list[Interval]]) -> None:
         """Fix this rank's batches for the rest of ``epoch`` given what all ranks already consumed."""
         self.epoch = epoch
-        self._consumed = {shard: list(intervals) for shard, intervals in consumed.items()}
+        self._consumed = consumed_masks(self._counts, consumed)  # shard -> bool per entry
         self._batches = rank_batches(
             self._counts,
             seed=self.seed,
@@ -349,8 +350,9 @@ class TesseraLoader:
         self._delivered.add(index)
         batch = self._batches[index]
         for shard in np.unique(batch.shard).tolist():
-            taken = intervals_of(batch.entry[batch.shard == shard])
-            self._consumed[shard] = merge_intervals(self._consumed.get(shard, []) + taken)
+            if shard not in self._consumed:
+                self._consumed[shard] = np.zeros(self._counts[shard], bool)
+            self._consumed[shard][batch.entry[batch.shard == shard]] = True
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: what all ranks had consumed when this state was loaded, plus what this rank gave out."""
@@ -360,9 +362,9 @@ class TesseraLoader:
             "seed": self.seed,
             "num_samples": self.manifest.num_samples,
             "consumed": {
-                self._names[shard]: [list(interval) for interval in intervals]
-                for shard, intervals in sorted(self._consumed.items())
-                if intervals
+                self._names[shard]: [list(interval) for interval in intervals_of(np.flatnonzero(mask))]
+                for shard, mask in sorted(self._consumed.items())
+                if mask.any()
             },
         }
 
