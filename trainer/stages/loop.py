@@ -64,6 +64,7 @@ def fixed_validation_batch(config: Any, **loader_options: Any) -> Mapping[str, A
         batch_size=config.data.validation_batch_size,
         seed=config.run.seed,
         num_workers=0,
+        shuffle=False,  # the first samples in tar order: one batch reads one shard, not a whole window
         **loader_options,
     )
     return next(iter(loader))
