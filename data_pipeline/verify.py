@@ -30,7 +30,6 @@ def shard_digest(url: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-@ray.remote
 def _digests(urls: list[str]) -> list[tuple[int, str] | None]:
     results: list[tuple[int, str] | None] = []
     for url in urls:
@@ -41,15 +40,22 @@ def _digests(urls: list[str]) -> list[tuple[int, str] | None]:
     return results
 
 
+_digests_task = ray.remote(_digests)
+
+
 def shard_problems(entries: list[ShardEntry], urls: list[str]) -> dict[str, str]:
     """``{shard name: problem}`` for every shard that is missing, resized or whose sha256 differs."""
     problems = listing_problems(entries, urls)
     todo = [(entry, url) for entry, url in zip(entries, urls, strict=True) if entry.name not in problems]
     chunks = [todo[i : i + SHARDS_PER_TASK] for i in range(0, len(todo), SHARDS_PER_TASK)]
-    task = _digests.options(runtime_env={"env_vars": storage.ray_task_env()})
-    refs = [task.remote([url for _, url in chunk]) for chunk in chunks]
-    for chunk, ref in zip(chunks, refs, strict=True):
-        for (entry, _), result in zip(chunk, ray.get(ref), strict=True):
+    if ray.is_initialized():
+        task = _digests_task.options(runtime_env={"env_vars": storage.ray_task_env()})
+        refs = [task.remote([url for _, url in chunk]) for chunk in chunks]
+        answers = (ray.get(ref) for ref in refs)
+    else:  # an in-process ingest's rerun: read the (few) shards here rather than start Ray
+        answers = (_digests([url for _, url in chunk]) for chunk in chunks)
+    for chunk, answer in zip(chunks, answers, strict=True):
+        for (entry, _), result in zip(chunk, answer, strict=True):
             if result is None:
                 problems[entry.name] = "missing"
             elif result[0] != entry.bytes:

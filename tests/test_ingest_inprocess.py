@@ -8,10 +8,13 @@ both paths produce identical shards and manifests, which is what is checked here
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from cluster import cli
 from cluster.commands.ingest import IN_PROCESS_MAX_SAMPLES, runs_in_process
 from data_pipeline import storage
 from data_pipeline.ingest import ingest_config
@@ -61,17 +64,20 @@ def test_in_process_ingest_writes_the_bytes_the_ray_ingest_writes(ray_local, tmp
     assert all(local_shards[name] == ray_shards[name] for name in local_shards)
 
 
-def test_tessera_ingest_of_a_few_samples_never_starts_ray(tmp_path, monkeypatch, capsys):
-    import cluster.runtime
-
-    def started(*args, **kwargs):
-        raise AssertionError("a tiny local ingest started Ray")
-
-    monkeypatch.setattr(cluster.runtime, "init_ray", started)
+def test_tessera_ingest_of_a_few_samples_and_its_rerun_never_start_ray(tmp_path):
+    """The real command twice on one dest: the first writes, the rerun verifies the shards and keeps
+    them; Ray says "Started a local Ray instance" whenever one starts (init_ray or a stray remote call)."""
     dest = tmp_path / "ds"
-    argv = ["ingest", "--source", "synthetic", "--num-samples", "10", "--dest", str(dest)]
-    assert cli.main([*argv, "--image-size", "16", "--run-dir", str(tmp_path / "run")]) == 0
-    assert json.loads(capsys.readouterr().out)["samples"] == 10
+    tessera = str(Path(sys.executable).parent / "tessera")
+    argv = [tessera, "ingest", "--source", "synthetic", "--num-samples", "10", "--dest", str(dest)]
+    argv += ["--image-size", "16", "--run-dir", str(tmp_path / "run")]
+    env = {**os.environ, "TESSERA_FORWARD_CREDENTIALS": "0"}
+    for rerun in (False, True):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Ray instance" not in done.stdout + done.stderr
+        summary = json.loads(done.stdout[done.stdout.index("{") :])
+        assert summary["samples"] == 10 and summary["partitions_resumed"] == (4 if rerun else 0)
     assert load_manifest(str(dest)).num_samples == 10
 
 
