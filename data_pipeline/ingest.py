@@ -63,6 +63,8 @@ def fingerprint(config: IngestConfig, lineage: dict[str, Any]) -> str:
     settings = config.model_dump(exclude=set(NOT_IN_FINGERPRINT))
     if settings["image_format"] == "jpg":  # added later: datasets written before keep their fingerprint
         del settings["image_format"]
+    if settings["skip"] == 0:  # likewise
+        del settings["skip"]
     return hashlib.sha256(json.dumps([settings, lineage], sort_keys=True).encode()).hexdigest()
 
 
@@ -283,6 +285,7 @@ def ingest_config(config: IngestConfig, source: Source | None = None, in_process
         image_size=config.image_size,
         seed=config.seed,
         split=config.split,
+        skip=config.skip,
         max_file_bytes=config.max_file_bytes,
     )
     lineage = source.lineage()

@@ -27,6 +27,12 @@ class IngestConfig(BaseModel):
     shard_max_bytes: int = Field(default=8 * 2**20, ge=16 * 2**10)
     shard_max_samples: int = Field(default=1000, ge=1)
     seed: int = Field(default=0, ge=0)
+    skip: int = Field(
+        default=0,
+        ge=0,
+        description="digits only: scans of the seeded order passed over first (disjoint train / judge / eval "
+        "slices of one seed)",
+    )
     strict: bool = Field(
         default=False, description="raise on the first rejected record instead of counting it"
     )

@@ -136,6 +136,26 @@ def test_digits_are_real_sklearn_digits_with_matching_captions():
         source.partitions(2, 5000)
 
 
+def test_digits_skip_carves_disjoint_slices_of_one_seeded_order():
+    """skip=k reads scans k.. of the same order (same scans, captions, indices), so slices never overlap."""
+    whole = records(DigitsSource(image_size=16, seed=3), num_partitions=2, num_samples=60)
+    head, tail = (
+        records(DigitsSource(image_size=16, seed=3, skip=skip), num_partitions=3, num_samples=count)
+        for skip, count in ((0, 25), (25, 35))
+    )
+    assert [i for i, _ in head + tail] == [i for i, _ in whole]
+    for (_, a), (_, b) in zip(head + tail, whole):
+        assert a.metadata == b.metadata and a.caption == b.caption
+    assert not {s.metadata["sklearn_index"] for _, s in head} & {s.metadata["sklearn_index"] for _, s in tail}
+    last = DigitsSource(seed=3, skip=1790)
+    assert len(records(last, num_partitions=2)) == 7  # all that is left after the skip
+    with pytest.raises(ValueError, match="7 after skip=1790; asked for 8"):
+        last.partitions(1, 8)
+    assert open_source("digits", skip=5).skip == 5
+    with pytest.raises(ValueError, match="skip=5 exists only for the digits source"):
+        open_source("synthetic", skip=5)
+
+
 def make_folder(root, names_and_seeds: dict[str, int]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for name, seed in names_and_seeds.items():

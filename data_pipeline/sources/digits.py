@@ -36,10 +36,15 @@ def num_digits() -> int:
 
 @dataclass(frozen=True)
 class DigitsSource:
-    """Digits in a seeded order (so a small ``num_samples`` still covers every class), dark ink on white."""
+    """Digits in a seeded order (so a small ``num_samples`` still covers every class), dark ink on white.
+
+    ``skip`` passes over the first scans of that order, so ingests with one seed and disjoint
+    ``[skip, skip + num_samples)`` ranges get disjoint scans (model train / judge / eval sets).
+    """
 
     image_size: int = 64
     seed: int = 0
+    skip: int = 0
     kind: ClassVar[str] = "digits"
     spec: ClassVar[str] = "digits"
 
@@ -47,10 +52,16 @@ class DigitsSource:
         return np.random.default_rng(self.seed).permutation(num_digits())
 
     def partitions(self, num_partitions: int, num_samples: int | None) -> list[Partition]:
-        available = num_digits()
+        available = num_digits() - self.skip
+        if available <= 0:
+            raise ValueError(f"skip={self.skip}: the digits source has {num_digits()} samples")
         if num_samples is not None and num_samples > available:
-            raise ValueError(f"the digits source has {available} samples; asked for {num_samples}")
-        return range_partitions(num_samples or available, num_partitions)
+            raise ValueError(
+                f"the digits source has {num_digits()} samples, {available} after skip={self.skip}; "
+                f"asked for {num_samples}"
+            )
+        ranges = range_partitions(num_samples or available, num_partitions)
+        return [Partition(p.index, (p.items[0] + self.skip, p.items[1] + self.skip)) for p in ranges]
 
     def read(self, partition: Partition) -> Iterator[tuple[int, Sample | Rejected]]:
         images, labels = _digits()
@@ -73,4 +84,5 @@ class DigitsSource:
         return {}
 
     def lineage(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "seed": self.seed, "split": "train"}
+        lineage = {"spec": self.spec, "kind": self.kind, "seed": self.seed, "split": "train"}
+        return lineage | ({"skip": self.skip} if self.skip else {})
