@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("docs/benchmarks.md", "docs/training.md", "docs/loader.md", "docs/evals.md")
+DOCS = ("docs/benchmarks.md", "docs/training.md", "docs/loader.md", "docs/evals.md", "docs/dalle.md")
 BLOCK = re.compile(
     r"(?P<open><!-- bench-report:(?P<name>[\w-]+)[^\n]*?-->\n)"
     r"(?P<body>.*?)"
@@ -430,6 +430,38 @@ def render_shuffle_quality(results: dict[str, dict]) -> str:
     )
 
 
+# -- digits preset (docs/dalle.md) ----------------------------------------------------------------------
+DIGIT_IMAGES = {
+    "real_eval_scans": "real eval scans (the judge's ceiling)",
+    "dvae_reconstructions": "dVAE reconstructions of them",
+    "dalle_samples": "DALL-E samples for their captions",
+}
+
+
+def render_digits_preset(results: dict[str, dict]) -> str:
+    report = results.get("digits_preset")
+    if report is None:
+        return "**unmeasured**: run `python bench/digits_preset.py`\n"
+    rows = []
+    for name, label in DIGIT_IMAGES.items():
+        share = report["digit_alignment"][name]
+        low, high = share["ci95"]
+        rows.append([label, f"{share['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]", str(share["total"])])
+    judge = report["judge"]
+    stages = [[name, f"{seconds:.0f}"] for name, seconds in report["stage_seconds"].items()]
+    return (
+        f"`{report['command']}` ({report['date'][:10]}; {report['device']}, 1-minute load average "
+        f"{report['load_average_1m']} at the end: other work shared the cores; torch "
+        f"{report['versions']['torch']}):\n\n"
+        + table(["images", "judge reads the asked digit", "Wilson 95%", "n"], rows)
+        + f"\nDALL-E / real scans: **{report['dalle_vs_real']:.3f}**. Judge held-out digit accuracy "
+        f"{judge['heldout_accuracy']['digit']:.4f} on {judge['heldout_samples']} scans (bar {judge['bar']}); "
+        f"{report['clean_samples']} of {report['eval_samples']} eval scans clean of the models' training "
+        f"scans. Wall time per stage (seconds; stages without a dependency between them run two at a "
+        f"time), {report['total_seconds']:.0f} s in all:\n\n" + table(["stage", "seconds"], stages)
+    )
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "shuffle-quality": render_shuffle_quality,
     "summary": render_summary,
@@ -438,6 +470,7 @@ RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "contamination": render_contamination,
     "ingest": render_ingest,
     "rerank": render_rerank,
+    "digits-preset": render_digits_preset,
 }
 
 
