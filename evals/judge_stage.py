@@ -9,6 +9,7 @@ accuracy) is written into the final checkpoint, where ``evals.judge.load_judge``
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from data_pipeline.loader import open_loader
 from evals.accuracy import accuracies, count_correct
 from evals.judge import Judge, JudgeModelConfig, judge_images, write_card
 from evals.scenes import IGNORE, cell_labels
+from evals.soften import soften
 from trainer.config import DataConfig, EngineConfig, RunConfig, config_hash
 from trainer.engine import Engine, init_distributed
 from trainer.stages.loop import StageParts, run_training
@@ -33,6 +35,9 @@ class JudgeSettings(BaseModel):
 
     eval_batch_size: int = Field(256, ge=1)
     grid_images: int = Field(16, ge=1)
+    # Share of training images softened (evals.soften); held-out accuracy is also logged on softened
+    # copies (heldout_soft_acc_*), while the card's bar stays on the clean held-out images.
+    soften_probability: float = Field(0.0, ge=0, le=1)
 
 
 class JudgeStageConfig(BaseModel):
@@ -54,11 +59,12 @@ class JudgeStageConfig(BaseModel):
 CONFIG = JudgeStageConfig
 
 
-def prepare_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Loader batch -> images in [0, 1] and per-head targets (padding rows carry no target)."""
+def prepare_batch(batch: Mapping[str, Any], soften_probability: float = 0.0) -> dict[str, Any]:
+    """Loader batch -> images in [0, 1] (some softened) and per-head targets (padding carries none)."""
     labels = [cell_labels(meta) for meta in batch["meta"]]
     valid = batch["valid"].bool()
-    prepared = {"image": batch["image"].float() / 255.0}
+    images = batch["image"].float() / 255.0
+    prepared = {"image": soften(images, soften_probability) if soften_probability else images}
     for head in HEADS:
         target = torch.tensor([row[head] for row in labels], dtype=torch.long)
         target[~valid] = IGNORE
@@ -84,8 +90,11 @@ def loss_fn(model, batch: Mapping[str, Any], step: int):
     return total, metrics
 
 
-def heldout_counts(judge: Judge, config: JudgeStageConfig) -> tuple[Counter[str], torch.Tensor]:
-    """Correct/total per attribute over the whole held-out manifest, and its first images."""
+def heldout_counts(
+    judge: Judge, config: JudgeStageConfig, softened: bool = False
+) -> tuple[Counter[str], torch.Tensor]:
+    """Correct/total per attribute over the whole held-out manifest (``softened``: every image softened,
+    on a fixed seed), and its first images."""
     loader = open_loader(
         config.data.validation_manifest,
         rank=0,
@@ -96,9 +105,12 @@ def heldout_counts(judge: Judge, config: JudgeStageConfig) -> tuple[Counter[str]
     )
     counts: Counter[str] = Counter()
     first = None
+    generator = torch.Generator().manual_seed(config.run.seed)
     for batch in loader:
         keep = batch["valid"].bool()
         images = batch["image"][keep]
+        if softened:
+            images = soften(images.float() / 255.0, 1.0, generator)
         verdicts = judge_images(judge, images)
         metas = [meta for meta, ok in zip(batch["meta"], keep.tolist()) if ok]
         counts.update(count_correct(verdicts.scenes, verdicts.digits, metas))
@@ -110,8 +122,10 @@ def make_evaluate(config: JudgeStageConfig):
     def evaluate(engine: Engine, step: int) -> tuple[dict[str, float], torch.Tensor]:
         module = engine.module
         counts, images = heldout_counts(module, config)
+        soft_counts, _ = heldout_counts(module, config, softened=True)
         module.train()
         metrics = {f"heldout_acc_{name}": value for name, value in accuracies(counts).items()}
+        metrics.update({f"heldout_soft_acc_{name}": value for name, value in accuracies(soft_counts).items()})
         metrics.update(
             {f"heldout_{key}": float(value) for key, value in counts.items() if key.endswith("_n")}
         )
@@ -125,7 +139,10 @@ def train(config: JudgeStageConfig) -> dict[str, Any]:
     torch.manual_seed(config.run.seed)
     judge = Judge(config.model)
     parts = StageParts(
-        model=judge, loss_fn=loss_fn, prepare_batch=prepare_batch, evaluate=make_evaluate(config)
+        model=judge,
+        loss_fn=loss_fn,
+        prepare_batch=functools.partial(prepare_batch, soften_probability=config.judge.soften_probability),
+        evaluate=make_evaluate(config),
     )
     summary = run_training(config, parts, stage="judge")
     if rank == 0 and summary.get("checkpoint"):
