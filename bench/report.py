@@ -462,6 +462,43 @@ def render_digits_preset(results: dict[str, dict]) -> str:
     )
 
 
+# -- dVAE quality (docs/dalle.md) -----------------------------------------------------------------------
+def render_dvae_quality(results: dict[str, dict]) -> str:
+    report = results.get("dvae_quality")
+    if report is None:
+        return "**unmeasured**: run `python bench/dvae_quality.py` after `make demo`\n"
+    attributes = ("colour", "shape", "size", "count", "prompt")
+    rows = []
+    for name, row in report["rows"].items():
+        codes = f"{row['codes_used']:.0%} of {row['vocab_size']}, perplexity {row['perplexity']:.0f}"
+        cells = [row["alignment"][key] for key in attributes]
+        rows.append(
+            [
+                name,
+                "-" if name == "originals" else f"{row['psnr']:.1f}",
+                codes if "vocab_size" in row else "-",
+                *(f"{cell['accuracy']:.3f}" for cell in cells),
+            ]
+        )
+    prompt = {name: row["alignment"]["prompt"]["ci95"] for name, row in report["rows"].items()}
+    intervals = "; ".join(f"{name} [{low:.3f}, {high:.3f}]" for name, (low, high) in prompt.items())
+    notes = "; ".join(report["judge_scope_notes"]) or "none"
+    return (
+        f"`{report['command']}` ({report['date'][:10]}; {report['eval_samples']} scenes of "
+        f"`{report['eval_manifest']}`, judge `{report['judge']}`; judge scope: {notes}):\n\n"
+        + table(
+            [
+                "images",
+                "PSNR dB",
+                "codes in use",
+                *attributes,
+            ],
+            rows,
+        )
+        + f"\nWhole-prompt Wilson 95% intervals: {intervals}.\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "shuffle-quality": render_shuffle_quality,
     "summary": render_summary,
@@ -471,6 +508,7 @@ RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "ingest": render_ingest,
     "rerank": render_rerank,
     "digits-preset": render_digits_preset,
+    "dvae-quality": render_dvae_quality,
 }
 
 
