@@ -19,6 +19,7 @@ from data_pipeline.sources.digits import NUMBER_WORDS, TEMPLATES, num_digits
 from evals.alignment import alignment, parse_caption
 from evals.config import EvalConfig
 from evals.run import judge_verdict_scope
+from trainer.checkpoint import checkpoint_url
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def test_stage_configs_validate_and_agree(stages):
     checkpoints = {
         name: os.path.join(stages[name].run_dir, "checkpoints") for name in ("dvae", "dalle", "judge")
     }
-    assert same(dalle.dalle.dvae_checkpoint, checkpoints["dvae"])
+    # The dalle stage names one checkpoint: the dVAE run's last step (a changed schedule must follow).
+    assert same(dalle.dalle.dvae_checkpoint, checkpoint_url(checkpoints["dvae"], dvae.engine.total_steps))
     # The eval reads exactly what the stages before it wrote, and the judge is the one trained here.
     assert evaluation.judge.config == stages["judge"].config
     assert same(evaluation.judge.checkpoint, checkpoints["judge"])
