@@ -32,7 +32,7 @@ from trainer.rlhf.policy import image_logprobs
 from trainer.rlhf.preferences import PreferencePair, PreferenceSource, RankingFileLabeller, rank_candidates
 from trainer.sampling import SamplingConfig, generate_codes
 from trainer.stages import dpo, reward
-from trainer.tracking import default_tracking_uri, read_run
+from trainer.tracking import default_tracking_uri, list_artifacts, read_run
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 SIDE, VOCAB = 4, 16
@@ -196,7 +196,21 @@ def test_rank_candidates_takes_best_and_worst_and_skips_ties(tmp_path):
         rank_candidates(["first", "second"], codes, images, RankingFileLabeller(str(scores)))
 
 
-def test_ppo_on_ray_actors_completes_and_survives_a_killed_reward_actor(preference_data, reward_run):
+@pytest.fixture(scope="module")
+def dvae_checkpoint(tmp_path_factory):
+    """An untrained dVAE for the policy's 4x4 codes: decoding rollouts/candidates needs only the shapes."""
+    from trainer.models.dvae import DVAEConfig
+
+    dvae_config = DVAEConfig(
+        image_size=16, vocab_size=VOCAB, hidden=8, blocks_per_group=1, downsample=4, decoder_init_channels=8
+    )
+    engine = Engine(build(dvae_config, device="cpu"), EngineConfig(total_steps=2), loss_fn=None)
+    return Checkpointer(str(tmp_path_factory.mktemp("dvae"))).save(engine)
+
+
+def test_ppo_on_ray_actors_completes_and_survives_a_killed_reward_actor(
+    preference_data, reward_run, dvae_checkpoint
+):
     from cluster.rl import ppo
 
     config = ppo.PPOStageConfig(
@@ -213,6 +227,7 @@ def test_ppo_on_ray_actors_completes_and_survives_a_killed_reward_actor(preferen
         },
         critic_lr=1e-3,
         rlhf={"sft_checkpoint": preference_data["sft"], "reward_checkpoint": reward_run["checkpoint"]},
+        grids={"dvae_checkpoint": dvae_checkpoint, "every": 2, "images": 4},
     )
     state_url = preference_data["root"] / "ppo" / "checkpoints" / ppo.STATE_FILE
     result: dict = {}
@@ -240,18 +255,17 @@ def test_ppo_on_ray_actors_completes_and_survives_a_killed_reward_actor(preferen
     assert history[-1]["kl"] > 1e-3  # the policy moved away from the reference
     metrics = read_run(default_tracking_uri(), result["mlflow_run_id"]).data.metrics
     assert {"kl", "reward", "clipfrac", "entropy", "value_loss", "explained_variance"} <= set(metrics)
+    # Rollout grids every 2 iterations and at the last one.
+    grids = list_artifacts(default_tracking_uri(), result["mlflow_run_id"], "grids")
+    assert sorted(grids) == ["grids/iteration-00002.png", "grids/iteration-00003.png"], grids
 
 
-def test_preferences_command_ranks_policy_samples_into_pair_datasets(preference_data, tmp_path):
+def test_preferences_command_ranks_policy_samples_into_pair_datasets(
+    preference_data, dvae_checkpoint, tmp_path
+):
     from cluster.cli import main as tessera
     from data_pipeline.loader import open_loader
-    from trainer.models.dvae import DVAEConfig
 
-    dvae_config = DVAEConfig(
-        image_size=16, vocab_size=VOCAB, hidden=8, blocks_per_group=1, downsample=4, decoder_init_channels=8
-    )
-    engine = Engine(build(dvae_config, device="cpu"), EngineConfig(total_steps=2), loss_fn=None)
-    dvae_checkpoint = Checkpointer(str(tmp_path / "dvae")).save(engine)
     # Human scores: candidate s02 best and s00 worst for every prompt but the last, which is a tie.
     rankings = tmp_path / "rankings.jsonl"
     lines = [

@@ -28,7 +28,8 @@ from data_pipeline import storage
 from data_pipeline.loader import open_loader
 from data_pipeline.manifest import load_manifest
 from trainer.config import DataConfig, EngineConfig, RunConfig
-from trainer.inference import checkpoint_or_newest
+from trainer.grids import labelled_grid
+from trainer.inference import checkpoint_or_newest, load_frozen_dvae
 from trainer.losses.rlhf import explained_variance, masked_mean
 from trainer.models.dalle import DalleConfig
 from trainer.rlhf.ppo import AdaptiveKLController, PPOSettings, advantages_and_returns, shape_rewards
@@ -48,6 +49,18 @@ class RLHFInputs(BaseModel):
     reward_checkpoint: str = Field(description="a `tessera train reward` checkpoint (or its run's folder)")
 
 
+class PPOGrids(BaseModel):
+    """Rollouts decoded to images with their prompts under them, logged every ``every`` iterations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dvae_checkpoint: str | None = Field(
+        None, description="the SFT's dVAE (or its run's folder); None: no grids"
+    )
+    every: int = Field(1, ge=1)
+    images: int = Field(8, ge=1)
+
+
 class ActorResources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +78,7 @@ class PPOStageConfig(BaseModel):
     ppo: PPOSettings = Field(default_factory=PPOSettings)
     critic_lr: float = Field(1e-4, gt=0)
     rlhf: RLHFInputs
+    grids: PPOGrids = Field(default_factory=PPOGrids)
     resources: ActorResources = Field(default_factory=ActorResources)
 
     @model_validator(mode="after")
@@ -141,8 +155,8 @@ class _Group:
 
 def run_iteration(
     group: _Group, text: torch.Tensor, valid: torch.Tensor, kl_coef: float, seed: int, settings: PPOSettings
-) -> dict[str, float]:
-    """One rollout + PPO update; returns what the iteration measured."""
+) -> tuple[dict[str, float], torch.Tensor]:
+    """One rollout + PPO update; returns what the iteration measured and the rollout's codes."""
     codes, logprobs = ray.get(group.policy.rollout.remote(text, seed))
     ref_logprobs, scores, values = ray.get(
         [
@@ -169,7 +183,7 @@ def run_iteration(
         )
         updates.append({**policy_metrics, **critic_metrics})
     rows = valid.bool()
-    return {
+    return codes, {
         "reward": float(scores[rows].mean()),
         "kl": float(kl.sum(dim=1)[rows].mean()),  # per image, summed over its codes
         "kl_coef": kl_coef,
@@ -177,6 +191,13 @@ def run_iteration(
         "advantage_abs": float(masked_mean(advantages.abs(), mask)),
         **{key: sum(u[key] for u in updates) / len(updates) for key in updates[0]},
     }
+
+
+def rollout_grid(dvae: Any, codes: torch.Tensor, captions: list[str], count: int) -> torch.Tensor:
+    """The first ``count`` rollouts decoded, each prompt written under its image."""
+    side = int(codes.shape[1] ** 0.5)
+    images = dvae.decode(codes[:count].view(-1, side, side).long())
+    return labelled_grid(images, captions[:count])
 
 
 def _read_state(url: str) -> dict[str, Any] | None:
@@ -248,6 +269,11 @@ def _drive(
         }
     )
     summary: dict[str, Any] = {"stage": "ppo", "start_iteration": start, "retries": 0, "history": []}
+    dvae = (
+        load_frozen_dvae(checkpoint_or_newest(config.grids.dvae_checkpoint))
+        if config.grids.dvae_checkpoint
+        else None
+    )
     batches, status, started = iter(loader), "FAILED", time.monotonic()
     try:
         for iteration in range(start, settings.iterations):
@@ -259,7 +285,7 @@ def _drive(
             for attempt in range(RESTARTS + 1):
                 before = group.incarnations()
                 try:
-                    metrics = run_iteration(
+                    codes, metrics = run_iteration(
                         group,
                         batch["text"],
                         batch["valid"],
@@ -292,6 +318,11 @@ def _drive(
             }
             storage.write_bytes_atomic(state_url, json.dumps(state).encode())
             tracker.log_metrics(metrics, step=iteration + 1)
+            if dvae is not None and (
+                (iteration + 1) % config.grids.every == 0 or iteration + 1 == settings.iterations
+            ):
+                grid = rollout_grid(dvae, codes, batch["caption"], config.grids.images)
+                tracker.log_image_grid(grid, f"grids/iteration-{iteration + 1:05d}.png")
             tracker.set_tags({"checkpoint.latest": policy_url})
             summary["history"].append(metrics)
             rate = (iteration + 1 - start) / (time.monotonic() - started)
