@@ -89,7 +89,7 @@ def record(work: Path, summary: dict) -> dict:
     return {
         "benchmark": "digits_preset",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": f"{Path(sys.executable).name} bench/digits_preset.py",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only)",
         "load_average_1m": round(os.getloadavg()[0], 2),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
