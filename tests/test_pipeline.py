@@ -5,6 +5,7 @@ Ray, tokenizer, dvae and dalle through DeepSpeed) with a couple of steps each.""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,9 @@ def test_pipeline_runs_skips_and_reruns_only_what_changed(tmp_path, monkeypatch,
 
     # A changed dalle config reruns dalle only; a changed dVAE config would rerun dvae and dalle.
     dalle = tmp_path / "dalle.toml"
-    dalle.write_text(dalle.read_text().replace("lr = 1e-3", "lr = 2e-3"))
+    changed = re.sub(r"(?m)^lr = .*$", "lr = 2e-4", dalle.read_text(), count=1)
+    assert changed != dalle.read_text()
+    dalle.write_text(changed)
     third = run_pipeline(preset, tmp_path / "p3", capsys)
     assert third["ran"] == ["dalle"] and third["skipped"] == ["dvae", "ingest", "tokenizer"]
     dvae = tmp_path / "dvae.toml"
