@@ -470,13 +470,15 @@ def render_dvae_quality(results: dict[str, dict]) -> str:
     attributes = ("colour", "shape", "size", "count", "prompt")
     rows = []
     for name, row in report["rows"].items():
-        codes = f"{row['codes_used']:.0%} of {row['vocab_size']}, perplexity {row['perplexity']:.0f}"
+        codes = "-"
+        if "vocab_size" in row:
+            codes = f"{row['codes_used']:.0%} of {row['vocab_size']}, perplexity {row['perplexity']:.0f}"
         cells = [row["alignment"][key] for key in attributes]
         rows.append(
             [
                 name,
                 "-" if name == "originals" else f"{row['psnr']:.1f}",
-                codes if "vocab_size" in row else "-",
+                codes,
                 *(f"{cell['accuracy']:.3f}" for cell in cells),
             ]
         )
