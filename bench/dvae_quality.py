@@ -14,9 +14,7 @@ After ``make demo`` (and optionally ``tessera train dvae --config configs/dvae/q
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/dvae_quality.py` imports its sibling bench.rerank
 
+from bench.alignment_report import run_header  # noqa: E402
 from bench.rerank import shown  # noqa: E402
 from cluster.commands.rlhf import JudgeLabeller  # noqa: E402
 from evals.alignment import alignment  # noqa: E402
@@ -86,10 +85,7 @@ def main(argv=None) -> dict:
         )
         rows[f"dVAE {name}"] = row
     report = {
-        "command": "python bench/dvae_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": platform.processor() or platform.machine(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        **run_header("dvae_quality"),
         "eval_manifest": shown(args.eval),
         "eval_samples": len(evalset.captions),
         "judge": shown(judge),

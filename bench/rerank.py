@@ -15,25 +15,25 @@ accuracy bounds how far the two can part). Writes ``bench/results/rerank.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from cluster.commands.rlhf import JudgeLabeller
-from data_pipeline.tokenizer import iter_captions, load_tokenizer
-from evals.alignment import alignment, parse_caption
-from evals.judge import judge_images, read_card
-from evals.run import judge_verdict_scope
-from trainer.inference import checkpoint_or_newest, load_frozen_dvae, load_trained
-from trainer.rerank import Candidates, draw_ranked
-from trainer.sampling import SamplingConfig
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/rerank.py` imports its sibling bench.alignment_report
+
+from bench.alignment_report import print_prompt_alignment, run_header  # noqa: E402
+from cluster.commands.rlhf import JudgeLabeller  # noqa: E402
+from data_pipeline.tokenizer import iter_captions, load_tokenizer  # noqa: E402
+from evals.alignment import alignment, parse_caption  # noqa: E402
+from evals.judge import judge_images, read_card  # noqa: E402
+from evals.run import judge_verdict_scope  # noqa: E402
+from trainer.inference import checkpoint_or_newest, load_frozen_dvae, load_trained  # noqa: E402
+from trainer.rerank import Candidates, draw_ranked  # noqa: E402
+from trainer.sampling import SamplingConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,22 +120,11 @@ def main(argv=None) -> int:
                 g: float(kept_scores[rows].mean()) for g, rows in groups.items() if rows.any()
             },
         }
-    print(f"{'N':>3} {'group':<8} {'prompt accuracy':<16} {'95% CI':<16} {'prompts':>7} {'kept score':>10}")
-    for n, result in results.items():
-        for group in ("seen", "heldout"):
-            entry = result["alignment"].get(group, {}).get("prompt")
-            if entry:
-                low, high = entry["ci95"]
-                print(
-                    f"{n:>3} {group:<8} {entry['accuracy']:<16.3f} [{low:.3f}, {high:.3f}]   "
-                    f"{entry['total']:>7} {result['mean_kept_score'][group]:>10.3f}"
-                )
+    print_prompt_alignment(
+        results, "N", "kept score", lambda result, group: f"{result['mean_kept_score'][group]:.3f}"
+    )
     report = {
-        "benchmark": "rerank",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": platform.processor() or platform.machine(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        **run_header("rerank"),
         "sampling": sampling.model_dump(),
         "candidates_per_caption": args.n,
         "eval_manifests": evals,

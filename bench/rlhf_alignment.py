@@ -14,25 +14,25 @@ Writes ``bench/results/rlhf_alignment.json``. Example (after ``make demo``)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from cluster.config import load_config
-from data_pipeline.tokenizer import iter_captions, load_tokenizer
-from evals.alignment import alignment
-from evals.judge import judge_images, load_judge, read_card
-from evals.judge_stage import JudgeStageConfig
-from evals.run import judge_verdict_scope
-from trainer.inference import checkpoint_or_newest, load_frozen_dvae, load_trained
-from trainer.rlhf.policy import image_logprobs
-from trainer.sampling import SamplingConfig, generate_codes
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/rlhf_alignment.py` imports its sibling bench.alignment_report
+
+from bench.alignment_report import print_prompt_alignment, run_header  # noqa: E402
+from cluster.config import load_config  # noqa: E402
+from data_pipeline.tokenizer import iter_captions, load_tokenizer  # noqa: E402
+from evals.alignment import alignment  # noqa: E402
+from evals.judge import judge_images, load_judge, read_card  # noqa: E402
+from evals.judge_stage import JudgeStageConfig  # noqa: E402
+from evals.run import judge_verdict_scope  # noqa: E402
+from trainer.inference import checkpoint_or_newest, load_frozen_dvae, load_trained  # noqa: E402
+from trainer.rlhf.policy import image_logprobs  # noqa: E402
+from trainer.sampling import SamplingConfig, generate_codes  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,22 +117,9 @@ def main(argv=None) -> int:
             "checkpoint": url,
             **measure(load_trained(url), reference, dvae, judge, tokenizer, captions, sampling, scope),
         }
-    print(f"{'policy':<8} {'group':<8} {'prompt accuracy':<16} {'95% CI':<16} {'n':>5} {'KL to SFT':>10}")
-    for name, result in results.items():
-        for group in ("seen", "heldout"):
-            entry = result["alignment"].get(group, {}).get("prompt")
-            if entry:
-                low, high = entry["ci95"]
-                print(
-                    f"{name:<8} {group:<8} {entry['accuracy']:<16.3f} [{low:.3f}, {high:.3f}]   "
-                    f"{entry['total']:>5} {result['kl_to_sft']:>10.2f}"
-                )
+    print_prompt_alignment(results, "policy", "KL to SFT", lambda result, group: f"{result['kl_to_sft']:.2f}")
     report = {
-        "benchmark": "rlhf_alignment",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": platform.processor() or platform.machine(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        **run_header("rlhf_alignment"),
         "sampling": sampling.model_dump(),
         "eval_manifests": evals,
         "judge": judge_checkpoint,
