@@ -20,8 +20,10 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +45,16 @@ from data_pipeline.loader_plan import (
     window_reads,
 )
 from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.shard_reader import LoadedReject, LoadedSample, ShardWindow, load_window
+from data_pipeline.shard_reader import (
+    LoadedReject,
+    LoadedSample,
+    ShardWindow,
+    load_window,
+    pack_window,
+    unpack_window,
+)
 from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.window_share import WindowShare
 
 STATE_FORMAT = "tessera-loader/1"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -70,6 +80,7 @@ class _RankBatches(IterableDataset):
         text_len: int | None,
         strict: bool,
         seeds: tuple[int, int, int],
+        share_dir: str | None = None,
     ) -> None:
         self.shards = manifest.shards
         self.shard_urls = manifest.shard_urls()
@@ -83,12 +94,25 @@ class _RankBatches(IterableDataset):
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.strict = strict
+        self.share_dir = share_dir  # where workers share window bytes (window_share); None: no sharing
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        mine = split_among_workers(self.batches, info.num_workers, info.id) if info else self.batches
-        plans = [positions for _, positions in mine]
-        reads, last = window_reads(plans), last_use(plans)
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        dealt = [split_among_workers(self.batches, workers, w) for w in range(workers)]
+        plans = [[positions for _, positions in batches] for batches in dealt]
+        mine = dealt[worker]
+        reads, last = window_reads(plans[worker]), last_use(plans[worker])
+        share = None
+        if self.share_dir is not None:
+            # One byte range per (window, shard) for the whole rank, fetched by the first worker to need it.
+            union = window_reads([positions for _, positions in self.batches])
+            reads = {key: union[key] for key in reads}
+            users: dict[tuple[int, int], list[int]] = {}
+            for w, plan in enumerate(plans):
+                for key in window_reads(plan):
+                    users.setdefault(key, []).append(w)
+            share = WindowShare(self.share_dir, users, worker)
         windows: dict[tuple[int, int], ShardWindow | str] = {}
         filler: LoadedSample | None = None
         for i, (index, positions) in enumerate(mine):
@@ -99,27 +123,36 @@ class _RankBatches(IterableDataset):
                 positions.shard.tolist(), positions.entry.tolist(), positions.window.tolist(), strict=True
             ):
                 if (window, shard) not in windows:
-                    self._open_window(window, reads, windows)
+                    self._open_window(window, reads, windows, share)
                 items.append(self._outcome(windows[(window, shard)], shard, entry, images[slot]))
                 slot += isinstance(items[-1], LoadedSample)
             batch, filler = self._collate(index, items, images, filler)
             yield batch
             for key in [key for key in windows if last[key[0]] == i]:
                 del windows[key]
+                if share is not None:
+                    share.release(key)
 
     def _open_window(
-        self, window: int, reads: dict[tuple[int, int], tuple[int, int]], windows: dict[tuple[int, int], Any]
+        self,
+        window: int,
+        reads: dict[tuple[int, int], tuple[int, int]],
+        windows: dict[tuple[int, int], Any],
+        share: WindowShare | None,
     ) -> None:
-        """Fetch every shard of ``window`` this worker reads, concurrently: one byte range each."""
+        """Fetch every shard of ``window`` this worker reads, concurrently: one byte range each (from the
+        store, or from the worker of this rank that fetched it first)."""
+
+        def load(key: tuple[int, int]) -> ShardWindow | str:
+            shard = (self.shard_urls[key[1]], self.shards[key[1]], self.index_urls[key[1]])
+            if share is None:
+                return load_window(*shard, *reads[key])
+            payload = share.get(key, lambda: pack_window(load_window(*shard, *reads[key])))
+            return unpack_window(payload, *shard)
+
         keys = [key for key in reads if key[0] == window]
         with ThreadPoolExecutor(max_workers=max(1, min(len(keys), MAX_READ_THREADS))) as pool:
-            loaded = pool.map(
-                lambda key: load_window(
-                    self.shard_urls[key[1]], self.shards[key[1]], self.index_urls[key[1]], *reads[key]
-                ),
-                keys,
-            )
-            windows.update(zip(keys, loaded, strict=True))
+            windows.update(zip(keys, pool.map(load, keys), strict=True))
 
     def _outcome(
         self, source: ShardWindow | str, shard: int, entry: int, out: np.ndarray
@@ -309,6 +342,9 @@ class TesseraLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pending = [(i, batch) for i, batch in enumerate(self._batches) if i not in self._delivered]
+        workers = min(self.num_workers, len(pending))
+        # Two or more workers read the same windows: one fetches each, the others read its file.
+        share_dir = tempfile.mkdtemp(prefix="tessera-windows-") if workers > 1 else None
         dataset = _RankBatches(
             self.manifest,
             pending,
@@ -318,8 +354,15 @@ class TesseraLoader:
             text_len=self.text_len,
             strict=self.strict,
             seeds=(self.seed, self.epoch, self.rank),
+            share_dir=share_dir,
         )
-        workers = min(self.num_workers, len(pending))
+        try:
+            yield from self._deliver(dataset, workers)
+        finally:
+            if share_dir is not None:
+                shutil.rmtree(share_dir, ignore_errors=True)
+
+    def _deliver(self, dataset: _RankBatches, workers: int) -> Iterator[dict[str, Any]]:
         if workers == 0:
             stream = iter(dataset)
         else:

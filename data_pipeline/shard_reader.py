@@ -155,6 +155,25 @@ def load_window(url: str, entry: ShardEntry, index_url: str | None, lo: int, hi:
     return ShardWindow(url, index, read_range(url, start, end), start)
 
 
+def pack_window(window: ShardWindow | str) -> bytes:
+    """A loaded window (or its checksum problem) as bytes another DataLoader worker unpacks
+    (``window_share``): the shard's bytes are fetched and checked once per rank, not once per worker."""
+    if isinstance(window, str):
+        return b"X" + window.encode()
+    return b"W" + window.base.to_bytes(8, "little") + window.data
+
+
+def unpack_window(payload: bytes, url: str, entry: ShardEntry, index_url: str | None) -> ShardWindow | str:
+    if payload[:1] == b"X":
+        return payload[1:].decode()
+    base, data = int.from_bytes(payload[1:9], "little"), payload[9:]
+    index = cached_index(entry.sha256, entry.bytes, index_url)
+    if index is None:  # the fetcher built it from the whole shard, but could not cache it on disk
+        index = build_index(data, entry.sha256)
+        remember_index(index)
+    return ShardWindow(url, index, data, base)
+
+
 def iter_entries(
     url: str, ranges: list[tuple[int, int]]
 ) -> Iterator[tuple[int, dict[str, Any] | LoadedReject]]:

@@ -1,10 +1,13 @@
 """Sample-level shuffle: quality on a synthetic manifest, order a pure function of (seed, epoch, world
 size, consumed set), same-world-size resume continuing the uninterrupted order (0 and 2 workers), and
-shard windows fetched as one byte range per shard per window, never one per sample."""
+shard windows fetched as one byte range per shard per window, never one per sample, and once per rank
+whatever its number of DataLoader workers."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -165,6 +168,33 @@ def test_one_ranged_read_per_shard_per_window(dataset, monkeypatch):
     assert len(ranged) + len(whole) == expected
     assert ranged and whole  # shards split between ranks are read by range, the others whole
     assert len(ranged) + len(whole) < dataset.num_samples // 4
+
+
+def test_two_workers_fetch_each_window_shard_once(dataset, tmp_path, monkeypatch):
+    """Forked workers log every store read to one file: a rank with two workers reads each (window,
+    shard) once, as one worker does, delivers the plan order, and leaves no shared files behind."""
+    log = tmp_path / "reads.log"
+    read_range, read_shard = shard_reader.read_range, shard_reader.read_shard
+
+    def logged(kind, read):
+        def wrapper(url, *span):
+            with open(log, "a") as handle:  # O_APPEND: one line per read from any process
+                handle.write(f"{kind} {url} {span}\n")
+            return read(url, *span)
+
+        return wrapper
+
+    monkeypatch.setattr(shard_reader, "read_range", logged("range", read_range))
+    monkeypatch.setattr(shard_reader, "read_shard", logged("whole", read_shard))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tempfile.tempdir)
+    [two] = loaders(dataset, 1, 2, window_shards=3)
+    plan = Positions.concat(two._batches)
+    [delivered] = keys_by_rank([two])
+    expected = len(set(zip(plan.window.tolist(), plan.shard.tolist(), strict=True)))
+    assert len(log.read_text().splitlines()) == expected
+    assert delivered == [f"s{s:03d}-{e:05d}" for s, e in zip(plan.shard.tolist(), plan.entry.tolist())]
+    assert os.listdir(tempfile.tempdir) == []  # the share directory went with the iteration
 
 
 def test_a_shard_without_an_index_is_indexed_on_first_read_and_cached(tmp_path, monkeypatch):
