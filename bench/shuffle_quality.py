@@ -89,12 +89,15 @@ def main() -> None:
         ]
         loader = measured_from_loader(manifest)
     print(f"{len(counts)} shards, {sum(counts)} samples, batch {BATCH}")
-    print("| world | window | shuffle | shards/window | distinct/batch (target) | rho tar | rho vs stream |")
+    print(
+        "| world | window | shuffle | shards/window | distinct/batch (target) | uniform | rho tar "
+        "| rho vs stream |"
+    )
     for row in rows:
         print(
             f"| {row['world_size']} | {row['window_shards']} | {row['shuffle']} "
             f"| {row['shards_per_window_max']} | {row['mean_distinct_shards_per_batch']:.2f} "
-            f"({row['mean_distinct_target']:.2f}) "
+            f"({row['mean_distinct_target']:.2f}) | {row['mean_distinct_uniform']:.2f} "
             f"| {row['spearman_rho']:+.3f} | {row['spearman_rho_vs_streaming']:+.3f} |"
         )
     print(f"real loader (world 1, window {DEFAULT_WINDOW_SHARDS}): {json.dumps(loader)}")

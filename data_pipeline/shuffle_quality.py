@@ -11,6 +11,7 @@ shuffle over a window of shards has rho near 0 and batches drawing on every shar
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,23 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     return float((rx * ry).sum() / denominator) if denominator else 0.0
 
 
+def uniform_distinct(fragment_sizes: list[int], batch_size: int) -> float:
+    """Expected distinct shards in a batch of ``batch_size`` drawn uniformly, without replacement, from
+    a window holding ``fragment_sizes`` positions of each of its shards: the ceiling of any
+    sample-level shuffle inside that window (a 10-sample fragment cannot be in every batch), in
+    float64 as sum over shards of 1 - P(hypergeometric draw misses the shard)."""
+    total = sum(fragment_sizes)
+    draw = min(batch_size, total)
+
+    def log_choose(n: int, k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+    return sum(
+        1.0 - (math.exp(log_choose(total - n, draw) - log_choose(total, draw)) if total - n >= draw else 0.0)
+        for n in fragment_sizes
+    )
+
+
 def plan_quality(
     counts: list[int],
     *,
@@ -44,9 +62,11 @@ def plan_quality(
     """Mixing figures of one epoch's plan: mean distinct shards per (full) batch, the shards a rank's
     window holds at most, and Spearman rho (mean over ranks) between delivery position and tar
     position, and between delivery position and the position a loader streaming the epoch's shards
-    front to back (``shuffle=False``) would deliver the same sample at (1.0 for that loader)."""
+    front to back (``shuffle=False``) would deliver the same sample at (1.0 for that loader). Beside
+    the issue's target, ``mean_distinct_uniform``: what uniform draws from the same windows would give
+    (``uniform_distinct``), which says whether a shortfall is the shuffle's or the windows' fragments."""
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    distinct, targets, rhos, stream_rhos, window_sizes = [], [], [], [], []
+    distinct, targets, uniform, rhos, stream_rhos, window_sizes = [], [], [], [], [], []
     for rank in range(world_size):
         plan = {
             mixed: rank_batches(
@@ -64,15 +84,26 @@ def plan_quality(
         }
         batches = plan[shuffle]
         delivered = Positions.concat(batches)
-        in_window = {
-            int(w): set(delivered.shard[delivered.window == w].tolist()) for w in np.unique(delivered.window)
+        in_window = {  # window -> {shard: positions of it in the window}
+            int(w): dict(
+                zip(
+                    *(
+                        a.tolist()
+                        for a in np.unique(delivered.shard[delivered.window == w], return_counts=True)
+                    )
+                )
+            )
+            for w in np.unique(delivered.window)
         }
         window_sizes += [len(shards) for shards in in_window.values()]
         for batch in (batch for batch in batches if len(batch) == batch_size):
             distinct.append(len(np.unique(batch.shard)))
-            targets.append(
-                min(8, len(set().union(*(in_window[w] for w in np.unique(batch.window).tolist()))))
-            )
+            fragments: dict[int, int] = {}
+            for w in np.unique(batch.window).tolist():
+                for shard, n in in_window[w].items():
+                    fragments[shard] = fragments.get(shard, 0) + n
+            targets.append(min(8, len(fragments)))
+            uniform.append(uniform_distinct(list(fragments.values()), batch_size))
         tar_position = offsets[delivered.shard] + delivered.entry
         rhos.append(spearman_rho(np.arange(len(delivered)), tar_position))
         # The same positions as a loader streaming each shard front to back would deliver them.
@@ -91,6 +122,8 @@ def plan_quality(
         "mean_distinct_shards_per_batch": float(np.mean(distinct)) if distinct else 0.0,
         # The issue's bar, batch by batch: min(8, shards in the window(s) the batch draws from).
         "mean_distinct_target": float(np.mean(targets)) if targets else 0.0,
+        # Uniform draws from the same windows: the ceiling set by the windows' fragment sizes.
+        "mean_distinct_uniform": float(np.mean(uniform)) if uniform else 0.0,
         "spearman_rho": float(np.mean(rhos)),
         "spearman_rho_vs_streaming": float(np.mean(stream_rhos)),
     }
