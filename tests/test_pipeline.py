@@ -5,13 +5,16 @@ Ray, tokenizer, dvae and dalle through DeepSpeed) with a couple of steps each.""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cluster.cli import main as tessera
-from cluster.pipeline import load_preset, plan
+from cluster.pipeline import load_preset, plan, stage_env
 from trainer.tracking import find_finished_runs, read_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,3 +117,23 @@ def test_a_cycle_or_unknown_stage_is_refused(tmp_path):
     unknown.write_text('name = "u"\n[stages.a]\nargv = ["plan"]\nafter = ["nope"]\n')
     with pytest.raises(Exception, match="unknown stages"):
         load_preset(str(unknown))
+
+
+@pytest.mark.parametrize("max_parallel", [1, 2])
+def test_parallel_stages_split_the_cores_between_their_torch_thread_pools(max_parallel):
+    """torch sizes its pool from OMP_NUM_THREADS at import: a stage's process must start with it."""
+    cpus = os.cpu_count() or 1
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"MASTER_PORT": "29999"}
+    env = stage_env(environ, "sqlite:///x.db", max_parallel, cpus)
+    assert "MASTER_PORT" not in env and env["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"
+    seen = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert int(seen) == max(1, cpus // max_parallel)
+    assert stage_env(environ, "u", 2, 16)["OMP_NUM_THREADS"] == "8"
+    assert stage_env(environ, "u", 4, 2)["OMP_NUM_THREADS"] == "1"
+    assert stage_env(environ | {"OMP_NUM_THREADS": "3"}, "u", 2, 16)["OMP_NUM_THREADS"] == "3"  # caller's
