@@ -16,11 +16,9 @@ and at a reduced DCT scale when the training size is smaller than the stored one
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,23 +64,11 @@ class LoadedReject:
         return f"shard {self.url}: sample '{self.key}': {self.reason} ({self.detail})"
 
 
-@functools.lru_cache(maxsize=16)
-def _filesystem(pid: int, protocol: str, credentials: tuple[tuple[str, str], ...]):
-    """One filesystem per (process, store): a new s3fs instance costs ~0.5 s, and instances must not
-    cross a fork, hence the pid in the key; the credentials are there because tests switch stores."""
-    return storage.filesystem(f"{protocol}://")[0]
-
-
-def _remote_fs(url: str):
-    protocol = url.split("://", 1)[0]
-    return _filesystem(os.getpid(), protocol, tuple(sorted(storage.credential_env().items())))
-
-
 def open_shard(url: str) -> IO[bytes]:
     """A sequential stream of the shard; object-store reads resume through an outage."""
     if storage.is_local(url):
         return storage.open_resilient(url)
-    return storage.open_resilient(url, _remote_fs(url), block_size=READ_BLOCK_BYTES, cache_type="readahead")
+    return storage.open_resilient(url, block_size=READ_BLOCK_BYTES, cache_type="readahead")
 
 
 def read_shard(url: str) -> bytes:
@@ -98,8 +84,7 @@ def read_range(url: str, start: int, end: int) -> bytes:
         with open(url.removeprefix("file://"), "rb") as handle:
             handle.seek(start)
             return handle.read(end - start)
-    fs = _remote_fs(url)
-    path = fs._strip_protocol(url)
+    fs, path = storage.filesystem(url)
     return storage.retrying(lambda: fs.cat_file(path, start=start, end=end), f"read {url} [{start}, {end})")
 
 

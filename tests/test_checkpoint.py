@@ -123,18 +123,18 @@ def test_fault_mid_upload_to_object_store(s3_moto, monkeypatch):
     engine.train_step(batch(1))
 
     # Fault injection: the upload dies after two objects, as a killed node would leave it.
-    fs, _ = storage.filesystem(root)
+    fs, _ = storage.filesystem(root)  # the one instance this process's storage calls use
     uploaded = []
-    real_put = type(fs).put_file
+    real_put = fs.put_file
 
-    def flaky_put(self, local, remote, *args, **kwargs):
+    def flaky_put(local, remote, *args, **kwargs):
         if len(uploaded) == 2:  # not a transient error: storage's retries must not ride it out
             raise RuntimeError("injected: node killed mid-upload")
         uploaded.append(remote)
-        return real_put(self, local, remote, *args, **kwargs)
+        return real_put(local, remote, *args, **kwargs)
 
     with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="injected"):
-        patch.setattr(type(fs), "put_file", flaky_put)
+        patch.setattr(fs, "put_file", flaky_put)
         checkpointer.save(engine)
     assert len(storage.list_files(ckpt.checkpoint_url(root, 2))) >= 1  # partial objects are there
     assert resolve_resume("auto", root) == good

@@ -373,9 +373,10 @@ def test_ingest_and_loader_ride_out_a_30s_gateway_outage(ray_local, s3_ceph, tmp
             outcome["manifest"] = ingest(
                 "synthetic",
                 dest,
-                num_samples=160,
+                # 12 partitions on 2 Ray CPUs: most are still to write when the first one finishes.
+                num_samples=480,
                 image_size=32,
-                partitions=4,
+                partitions=12,
                 shard_max_samples=10,
                 progress=False,
             )
@@ -400,4 +401,4 @@ def test_ingest_and_loader_ride_out_a_30s_gateway_outage(ray_local, s3_ceph, tmp
     assert "error" not in outcome, outcome.get("error")
     ledger.check_exactly_once(manifest_keys(dataset), epoch=0)
     manifest, _ = check_manifest_against_shards(dest, 32)
-    assert manifest.num_samples == 160
+    assert manifest.num_samples == 480
