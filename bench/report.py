@@ -12,6 +12,7 @@ benchmarks on a CPU-only box) renders as unmeasured. ``tests/test_bench_report.p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -19,7 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("docs/benchmarks.md", "docs/training.md", "docs/loader.md", "docs/evals.md", "docs/dalle.md")
+DOCS = (
+    "README.md",
+    "docs/benchmarks.md",
+    "docs/training.md",
+    "docs/loader.md",
+    "docs/evals.md",
+    "docs/dalle.md",
+)
 BLOCK = re.compile(
     r"(?P<open><!-- bench-report:(?P<name>[\w-]+)[^\n]*?-->\n)"
     r"(?P<body>.*?)"
@@ -185,8 +193,11 @@ def render_trainer_overhead(results: dict[str, dict]) -> str:
     )
 
 
-def render_loader(results: dict[str, dict]) -> str:
-    report = results["loader"]
+def render_loader(results: dict[str, dict], key: str = "loader") -> str:
+    """One ``bench/loader.py`` run's table; ``key`` names its JSON (``loader_long``: a longer epoch)."""
+    if key not in results:
+        return f"**unmeasured**: run `python bench/loader.py` (bench/results/{key}.json)\n"
+    report = results[key]
     decodes = baseline_decodes(report)
     names = {
         **{name: f'webdataset `decode("{spec}")`' for name, spec in decodes.items()},
@@ -389,6 +400,25 @@ def render_rerank(results: dict[str, dict]) -> str:
     )
 
 
+# -- demo wall time (README.md) -------------------------------------------------------------------------
+def render_demo_time(results: dict[str, dict]) -> str:
+    report = results.get("demo_time")
+    if report is None:
+        return "**unmeasured**: run `python bench/demo_time.py`\n"
+    load = report["load_average_1min"]
+    verdict = "within" if report["wall_seconds"] <= report["budget_seconds"] else "OVER"
+    stages = sorted(report["stage_seconds"].items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{name} {seconds} s" for name, seconds in stages)
+    return (
+        f"`{report['command']}` ({report['date'][:10]}, {report['device']}, torch "
+        f"{report['versions']['torch']}, 1-min load average {load['before']:.2f} before / "
+        f"{load['after']:.2f} after{'; ' + report['note'] if report['note'] else ''}): the "
+        f"{len(stages)} stages from nothing took **{report['wall_seconds']:.0f} s**, {verdict} the "
+        f"{report['budget_seconds']} s budget (set-up excluded: {report['excludes']}). Per stage, two at a "
+        f"time: {listed}.\n"
+    )
+
+
 # -- shuffle quality (docs/loader.md) -------------------------------------------------------------------
 def render_shuffle_quality(results: dict[str, dict]) -> str:
     report = results.get("shuffle_quality")
@@ -509,9 +539,11 @@ def render_dvae_quality(results: dict[str, dict]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "shuffle-quality": render_shuffle_quality,
+    "demo-time": render_demo_time,
     "summary": render_summary,
     "trainer-overhead": render_trainer_overhead,
     "loader": render_loader,
+    "loader-long": functools.partial(render_loader, key="loader_long"),
     "contamination": render_contamination,
     "ingest": render_ingest,
     "rerank": render_rerank,

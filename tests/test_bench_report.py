@@ -26,6 +26,7 @@ def report(root: Path, *flags: str) -> subprocess.CompletedProcess:
 def copy_of_docs_and_results(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     shutil.copytree(ROOT / "bench" / "results", tmp_path / "bench" / "results")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     return tmp_path
 
 
