@@ -27,6 +27,7 @@ DOCS = (
     "docs/loader.md",
     "docs/evals.md",
     "docs/dalle.md",
+    "docs/rlhf.md",
 )
 BLOCK = re.compile(
     r"(?P<open><!-- bench-report:(?P<name>[\w-]+)[^\n]*?-->\n)"
@@ -419,6 +420,40 @@ def render_demo_time(results: dict[str, dict]) -> str:
     )
 
 
+# -- RLHF alignment (docs/rlhf.md) ---------------------------------------------------------------------
+RLHF_ATTRIBUTES = ("colour", "size", "shape", "count", "prompt")
+
+
+def render_rlhf_alignment(results: dict[str, dict]) -> str:
+    report = results.get("rlhf_alignment")
+    if report is None:
+        return "**unmeasured**: run `python bench/rlhf_alignment.py`\n"
+
+    def cell(score: dict) -> str:
+        low, high = score["ci95"]
+        return f"{score['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+
+    rows = [
+        [
+            name,
+            group,
+            *(cell(row["alignment"][group][a]) for a in RLHF_ATTRIBUTES),
+            str(row["alignment"][group]["prompt"]["total"]),
+            f"{row['kl_to_sft']:.2f}",
+        ]
+        for group in ("seen", "heldout")
+        for name, row in report["results"].items()
+    ]
+    sampling = report["sampling"]
+    return (
+        f"`{report['command']}` ({report['date'][:10]}; judge `{report['judge']}`; temperature "
+        f"{sampling['temperature']}, top-k {sampling['top_k']}, guidance {sampling['guidance_scale']}; "
+        f"SFT `{report['results']['sft']['checkpoint']}`). Judge-read accuracy per attribute with Wilson "
+        "95% intervals; *prompt* is every attribute of the caption at once:\n\n"
+        + table(["policy", "prompts", *RLHF_ATTRIBUTES, "n", "KL to SFT (nats/image)"], rows)
+    )
+
+
 # -- shuffle quality (docs/loader.md) -------------------------------------------------------------------
 def render_shuffle_quality(results: dict[str, dict]) -> str:
     report = results.get("shuffle_quality")
@@ -540,6 +575,7 @@ def render_dvae_quality(results: dict[str, dict]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
     "shuffle-quality": render_shuffle_quality,
     "demo-time": render_demo_time,
+    "rlhf-alignment": render_rlhf_alignment,
     "summary": render_summary,
     "trainer-overhead": render_trainer_overhead,
     "loader": render_loader,
