@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cluster.cli import main as tessera
+from cluster.commands.demo import final_grids
 from trainer.redaction import REDACTED, is_credential_key, redact, redact_command
 from trainer.tracking import (
     Tracker,
@@ -309,3 +310,18 @@ def test_no_secret_in_any_output(mlflow_server, run_dir, tmp_path, monkeypatch, 
     for where, text in outputs.items():
         for secret in [*secrets.values(), aws_key_id, bearer]:
             assert secret not in text, f"{secret} leaked into {where}"
+
+
+def test_the_demo_lists_each_runs_newest_grid_by_run_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with Tracker("unit", "dvae-tiny", run_dir=tmp_path / "runs" / "dvae") as dvae:
+        for step in (200, 1000):  # zero-padded names: the last in sort order is the newest
+            dvae.log_image_grid(torch.rand(2, 3, 8, 8), f"grids/step-{step:07d}.png", nrow=2)
+    with Tracker("unit", "dalle-tiny", run_dir=tmp_path / "runs" / "dalle") as dalle:
+        dalle.log_image_grid(torch.rand(2, 3, 8, 8), "grids/step-0000600.png", nrow=2)
+    found = final_grids(default_tracking_uri())
+    assert [(name, path.name, path.parents[2].name) for name, path in found] == [
+        ("dalle-tiny", "step-0000600.png", dalle.run_id),
+        ("dvae-tiny", "step-0001000.png", dvae.run_id),
+    ]

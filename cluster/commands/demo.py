@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         ray_address=address,
         only=DATA_STAGES if args.skip_training else None,
     )
-    grids = "".join(f"\n    {path}" for path in final_grids(default_tracking_uri()))
+    grids = "".join(f"\n    {name}: {path}" for name, path in final_grids(default_tracking_uri()))
     mlflow = Path(sys.executable).parent / "mlflow"
     print(
         f"\ndemo finished in {time.perf_counter() - started:.0f} s "
@@ -76,12 +76,18 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def final_grids(tracking_uri: str) -> list[Path]:
-    """The newest ``grids/step-*.png`` of every run in a local SQLite store's artifact folder."""
+def final_grids(tracking_uri: str) -> list[tuple[str, Path]]:
+    """``(run name, newest grids/step-*.png)`` for every run in a local SQLite store's artifact folder,
+    so a reader knows which grid is the dVAE's and which the DALL-E's."""
+    from trainer.tracking import read_run
+
     if not tracking_uri.startswith("sqlite:///"):
         return []
     artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-    newest: dict[Path, Path] = {}
+    newest: dict[str, Path] = {}
     for path in sorted(artifacts.glob("**/artifacts/grids/step-*.png")):  # zero-padded: last = newest
-        newest[path.parents[2]] = path
-    return sorted(newest.values())
+        newest[path.parents[2].name] = path  # .../<run id>/artifacts/grids/step-*.png
+    names = {
+        run_id: read_run(tracking_uri, run_id).data.tags.get("tessera.run_name", run_id) for run_id in newest
+    }
+    return sorted((names[run_id], path) for run_id, path in newest.items())
