@@ -178,16 +178,22 @@ def format_plan(planned: list[PlannedStage]) -> str:
     return "\n".join(rows)
 
 
-def stage_env(environ: dict[str, str], tracking_uri: str, max_parallel: int, cpus: int) -> dict[str, str]:
-    """The environment every stage's command runs in.
+def stages_sharing_cores(running: int, launching: int, max_parallel: int) -> int:
+    """How many stages the cores are split between for the ones starting now: all of them for a
+    stage that starts alone (nothing running, nothing else ready), since no other stage can become
+    ready before a running one finishes; else ``max_parallel``."""
+    return 1 if running == 0 and launching == 1 else max_parallel
+
+
+def stage_env(environ: dict[str, str], tracking_uri: str, sharing: int, cpus: int) -> dict[str, str]:
+    """The environment a stage's command runs in, when ``sharing`` stages share the cores.
 
     A stage is its own world: a process group of this process (its MASTER_PORT) must not leak into it.
-    Each stage gets ``cpus // max_parallel`` intra-op threads unless the caller chose: torch sizes its
-    OpenMP pool from ``OMP_NUM_THREADS`` when it is imported, and ``max_parallel`` stages each
-    spinning up one thread per core thrash (two dVAE stages on 2 cores: 0.57 s/step each at 2
-    threads vs 0.17 s/step at 1)."""
+    Each stage gets ``cpus // sharing`` intra-op threads unless the caller chose: torch sizes its
+    OpenMP pool from ``OMP_NUM_THREADS`` when it is imported, and stages each spinning up one thread
+    per core thrash (two dVAE stages on 2 cores: 0.57 s/step each at 2 threads vs 0.17 s/step at 1)."""
     env = {k: v for k, v in environ.items() if k not in TORCH_DIST_ENV}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // max_parallel)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // sharing)))
     return env | {"MLFLOW_TRACKING_URI": tracking_uri}
 
 
@@ -234,7 +240,6 @@ def run(
     by_name = {p.name: p for p in planned}
     logs = Path(run_dir, "logs")
     logs.mkdir(parents=True, exist_ok=True)
-    env = stage_env(dict(os.environ), uri, spec.max_parallel, os.cpu_count() or 1)
     commit = _git_commit()
     summary: dict[str, Any] = {"pipeline": spec.name, "ran": [], "skipped": [], "seconds": {}}
     parent = Tracker(
@@ -248,26 +253,29 @@ def run(
     status, started = "FAILED", time.monotonic()
     try:
         while pending or running:
-            for name in [n for n in spec.order() if n in pending]:
-                if len(running) < spec.max_parallel and all(dep in done for dep in spec.stages[name].after):
-                    pending.discard(name)
-                    stage = by_name[name]
-                    tags = {
-                        "mlflow.parentRunId": parent.run_id,
-                        "pipeline.preset": spec.name,
-                        "pipeline.stage": name,
-                        "pipeline.key": stage.key,
-                        "pipeline.after": json.dumps(
-                            {dep: by_name[dep].key for dep in spec.stages[name].after}
-                        ),
-                        "pipeline.command": shlex.join(["tessera", *stage.argv]),
-                        "git.commit": commit,
-                    }
-                    tracker = Tracker(spec.experiment, name, run_dir=run_dir, tags=tags)
-                    argv = [*stage.argv, "--ray-address", ray_address]
-                    log.info("pipeline: %s starts (%s)", name, stage.reason)
-                    ref = _run_command.remote(argv, os.getcwd(), env, str(logs / f"{name}.log"))
-                    running[ref] = (name, tracker)
+            startable = [
+                n for n in spec.order() if n in pending and all(d in done for d in spec.stages[n].after)
+            ]
+            launching = startable[: spec.max_parallel - len(running)]
+            sharing = stages_sharing_cores(len(running), len(launching), spec.max_parallel)
+            env = stage_env(dict(os.environ), uri, sharing, os.cpu_count() or 1)
+            for name in launching:
+                pending.discard(name)
+                stage = by_name[name]
+                tags = {
+                    "mlflow.parentRunId": parent.run_id,
+                    "pipeline.preset": spec.name,
+                    "pipeline.stage": name,
+                    "pipeline.key": stage.key,
+                    "pipeline.after": json.dumps({dep: by_name[dep].key for dep in spec.stages[name].after}),
+                    "pipeline.command": shlex.join(["tessera", *stage.argv]),
+                    "git.commit": commit,
+                }
+                tracker = Tracker(spec.experiment, name, run_dir=run_dir, tags=tags)
+                argv = [*stage.argv, "--ray-address", ray_address]
+                log.info("pipeline: %s starts (%s)", name, stage.reason)
+                ref = _run_command.remote(argv, os.getcwd(), env, str(logs / f"{name}.log"))
+                running[ref] = (name, tracker)
             ready, _ = ray.wait(list(running), num_returns=1)
             name, tracker = running.pop(ready[0])
             code, seconds = ray.get(ready[0])

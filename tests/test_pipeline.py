@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main as tessera
-from cluster.pipeline import load_preset, plan, stage_env
+from cluster.pipeline import load_preset, plan, stage_env, stages_sharing_cores
 from trainer.tracking import find_finished_runs, read_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +117,14 @@ def test_a_cycle_or_unknown_stage_is_refused(tmp_path):
     unknown.write_text('name = "u"\n[stages.a]\nargv = ["plan"]\nafter = ["nope"]\n')
     with pytest.raises(Exception, match="unknown stages"):
         load_preset(str(unknown))
+
+
+def test_a_stage_starting_alone_gets_every_core():
+    """Nothing running and one stage ready: no other stage can become ready before it finishes."""
+    assert stages_sharing_cores(running=0, launching=1, max_parallel=2) == 1
+    assert stages_sharing_cores(running=0, launching=2, max_parallel=2) == 2  # two start together
+    assert stages_sharing_cores(running=1, launching=1, max_parallel=2) == 2  # beside a running one
+    assert stages_sharing_cores(running=0, launching=1, max_parallel=4) == 1
 
 
 @pytest.mark.parametrize("max_parallel", [1, 2])
