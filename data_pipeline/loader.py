@@ -3,8 +3,9 @@
 Assignment, order and batch counts come from ``loader_plan`` (windows of a few shards per rank, each
 window's samples in a seeded permutation; a pure function of seed, epoch, world size and what was
 consumed); DataLoader workers fetch one byte range per shard per window (``shard_reader``, through the
-shards' member indexes), decode JPEGs straight into a uint8 batch and collate in the worker, so the
-main process only receives finished batches. The main process records which positions it has
+shards' member indexes; once per rank, the workers sharing it through ``window_share``), decode
+JPEGs straight into a uint8 batch and collate in the worker, so the main process only receives
+finished batches. The main process records which positions it has
 *handed to the caller* (not what workers prefetched) as per-shard intervals: ``state_dict()`` is
 exactly what the consumer saw, and any set of rank states can be merged and re-split across a
 different world size without repeating or losing a sample. See docs/loader.md.
