@@ -12,6 +12,7 @@ shuffle over a window of shards has rho near 0 and batches drawing on every shar
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -84,24 +85,14 @@ def plan_quality(
         }
         batches = plan[shuffle]
         delivered = Positions.concat(batches)
-        in_window = {  # window -> {shard: positions of it in the window}
-            int(w): dict(
-                zip(
-                    *(
-                        a.tolist()
-                        for a in np.unique(delivered.shard[delivered.window == w], return_counts=True)
-                    )
-                )
-            )
-            for w in np.unique(delivered.window)
-        }
+        in_window: dict[int, Counter[int]] = {}  # window -> {shard: its positions in the window}
+        for w in np.unique(delivered.window).tolist():
+            shards, sizes = np.unique(delivered.shard[delivered.window == w], return_counts=True)
+            in_window[w] = Counter(dict(zip(shards.tolist(), sizes.tolist(), strict=True)))
         window_sizes += [len(shards) for shards in in_window.values()]
         for batch in (batch for batch in batches if len(batch) == batch_size):
             distinct.append(len(np.unique(batch.shard)))
-            fragments: dict[int, int] = {}
-            for w in np.unique(batch.window).tolist():
-                for shard, n in in_window[w].items():
-                    fragments[shard] = fragments.get(shard, 0) + n
+            fragments = sum((in_window[w] for w in np.unique(batch.window).tolist()), Counter())
             targets.append(min(8, len(fragments)))
             uniform.append(uniform_distinct(list(fragments.values()), batch_size))
         tar_position = offsets[delivered.shard] + delivered.entry
