@@ -99,3 +99,73 @@ def test_unjudged_attributes_are_neither_scored_nor_matched():
     digits = alignment(["a handwritten 7", scene.caption], [[], truth], [7, -1], digits=False)
     assert digits["unjudged"]["digit_prompt"]["total"] == 1
     assert digits["all"]["prompt"]["total"] == 1
+
+
+def test_alignment_score_by_hand():
+    """Hand-evaluated scores: extra objects cost as much as missing ones; 1 only for the whole prompt."""
+    from evals.alignment import alignment_score
+    from evals.scenes import SceneObject
+
+    required = parse_caption("a large red circle to the left of a small blue square")
+    circle, square = SceneObject("circle", "red", "large", 1, 0), SceneObject("square", "blue", "small", 1, 2)
+    extra = SceneObject("star", "green", "small", 0, 1)
+    cases = {
+        "truth": ([circle, square], 1.0),
+        # objects: (1 + 1) / max(2, 3); relation holds: (2/3 + 1) / 2
+        "one extra object": ([circle, square, extra], (2 / 3 + 1) / 2),
+        # objects: 1 / 2; no square, so the relation fails: (1/2 + 0) / 2
+        "square missing": ([circle], 0.25),
+        # the circle agrees on 2 of 3; no fully matching subject for the relation: (5/6 + 0) / 2
+        "circle blue": ([SceneObject("circle", "blue", "large", 1, 0), square], 5 / 12),
+        "sides swapped": (
+            [SceneObject("circle", "red", "large", 1, 2), SceneObject("square", "blue", "small", 1, 0)],
+            0.5,
+        ),
+    }
+    for name, (scene, expected) in cases.items():
+        assert alignment_score(required, scene, -1) == pytest.approx(expected, abs=1e-12), name
+    single = parse_caption("a small red star")
+    scattered = [SceneObject("star", "red", "small", 0, 0)] + [
+        SceneObject(shape, colour, "large", 2, col)
+        for col, (shape, colour) in enumerate([("circle", "blue"), ("square", "green"), ("diamond", "white")])
+    ]
+    # Scattering objects so that one of them matches scores below one object with a wrong colour.
+    assert alignment_score(single, scattered, -1) == pytest.approx(1 / 4)
+    assert alignment_score(single, [SceneObject("star", "blue", "small", 0, 0)], -1) == pytest.approx(2 / 3)
+    assert alignment_score(parse_caption("a handwritten 7"), [], 7) == 1.0
+    assert alignment_score(parse_caption("a handwritten 7"), [], 1) == 0.0
+
+
+def test_alignment_score_is_one_exactly_for_the_whole_prompt():
+    """On perturbed ground-truth scenes, score == 1 iff the per-attribute verdict says ``prompt``."""
+    from dataclasses import replace
+
+    from data_pipeline.sources.synthetic import COLOURS, SHAPES
+    from evals.alignment import alignment_score, score_image
+    from evals.scenes import SceneObject
+
+    rng = random.Random(5)
+    seen = {True: 0, False: 0}
+    for index in range(300):
+        scene = generate_scene(3, index, image_size=32)
+        required, objects = parse_caption(scene.caption), scene_from_metadata(scene.metadata)
+        edit = rng.choice(["none", "colour", "shape", "drop", "add"])
+        if edit in ("colour", "shape"):
+            k = rng.randrange(len(objects))
+            pool = COLOURS if edit == "colour" else SHAPES
+            objects[k] = replace(
+                objects[k], **{edit: rng.choice([v for v in pool if v != getattr(objects[k], edit)])}
+            )
+        elif edit == "drop":
+            objects.pop(rng.randrange(len(objects)))
+        elif edit == "add":
+            free = [
+                (r, c) for r in range(3) for c in range(3) if all((o.row, o.col) != (r, c) for o in objects)
+            ]
+            objects.append(SceneObject("hexagon", "orange", "large", *rng.choice(free)))
+        score = alignment_score(required, objects, -1)
+        whole = score_image(required, objects, -1)["prompt"]
+        assert 0.0 <= score <= 1.0
+        assert (score == 1.0) == whole, (scene.caption, edit, objects, score)
+        seen[whole] += 1
+    assert min(seen.values()) > 30  # both outcomes exercised

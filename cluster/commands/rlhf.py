@@ -64,7 +64,7 @@ class PreferencesFile(BaseModel):
 
 
 class JudgeLabeller:
-    """The evals judge as labeller: the share of the prompt's required attributes the image shows."""
+    """The evals judge as labeller: ``evals.alignment.alignment_score`` of each image for its prompt."""
 
     name = "judge"
 
@@ -82,15 +82,14 @@ class JudgeLabeller:
         self.judge = load_judge(checkpoint, model, required=[])
 
     def score(self, prompts: Sequence[str], images: torch.Tensor, ids: Sequence[str]) -> list[float]:
-        from evals.alignment import parse_caption, score_image
+        from evals.alignment import alignment_score, parse_caption
         from evals.judge import judge_images
 
         verdicts = judge_images(self.judge, images)
-        scores = []
-        for prompt, scene, digit in zip(prompts, verdicts.scenes, verdicts.digits):
-            verdict = score_image(parse_caption(prompt), scene, digit, small_shapes=self.small_shapes)
-            scores.append(sum(verdict.values()) / len(verdict))
-        return scores
+        return [
+            alignment_score(parse_caption(prompt), scene, digit, small_shapes=self.small_shapes)
+            for prompt, scene, digit in zip(prompts, verdicts.scenes, verdicts.digits)
+        ]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
