@@ -572,7 +572,53 @@ def render_dvae_quality(results: dict[str, dict]) -> str:
     )
 
 
+def render_schedule(results: dict[str, dict], key: str) -> str:
+    """One ``bench/schedule_sweep.py`` run: each variant's judge read-back per eval split."""
+    report = results.get(key)
+    if report is None:
+        stage = key.split("_")[0]
+        return f"**unmeasured**: run `python bench/schedule_sweep.py --stage {stage}` after `make demo`\n"
+    attributes = ("colour", "shape", "size", "count", "prompt")
+    with_psnr = any("psnr" in cell for row in report["variants"].values() for cell in row["splits"].values())
+    rows = []
+    for name, row in report["variants"].items():
+        for split, cell in row["splits"].items():
+            scores = cell["alignment"]
+            prompt = scores["prompt"]
+            rows.append(
+                [
+                    name,
+                    split,
+                    *([f"{cell['psnr']:.1f}", f"{cell['codes_used']:.0%}"] if with_psnr else []),
+                    *(f"{scores[a]['accuracy']:.2f}" for a in attributes[:-1]),
+                    f"{prompt['accuracy']:.2f} [{prompt['ci95'][0]:.2f}, {prompt['ci95'][1]:.2f}]",
+                    f"{scores['score']:.3f}",
+                    f"{row['train_seconds']:.0f}",
+                ]
+            )
+    extra = f"; dVAE `{report['dvae']}`" if "dvae" in report else ""
+    return (
+        f"`{report['command']}` ({report['date'][:10]}; preset `{report['preset']}`, "
+        f"{report['train_scenes']:,} training scenes, {report['eval_samples']} captions per eval set, "
+        f"judge `{report['judge']}`{extra}):\n\n"
+        + table(
+            [
+                "variant",
+                "eval set",
+                *(["PSNR dB", "codes in use"] if with_psnr else []),
+                *attributes[:-1],
+                "prompt [95% CI]",
+                "mean score",
+                "train s (1 thread)",
+            ],
+            rows,
+        )
+    )
+
+
 RENDERERS: dict[str, Callable[[dict[str, dict]], str]] = {
+    "dvae-schedule": functools.partial(render_schedule, key="dvae_schedule"),
+    "dalle-schedule": functools.partial(render_schedule, key="dalle_schedule"),
     "shuffle-quality": render_shuffle_quality,
     "demo-time": render_demo_time,
     "rlhf-alignment": render_rlhf_alignment,

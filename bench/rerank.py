@@ -2,7 +2,7 @@
 
 For the first ``--samples`` captions of each eval manifest (seen and held-out colour/shape pairs) the
 DALL-E checkpoint draws ``--n`` candidates per caption (one seeded draw, ``trainer.rerank``); the evals
-judge scores each (``tessera sample --rerank``'s scorer: the share of the caption's attributes it sees)
+judge scores each (``tessera sample --rerank``'s scorer, ``evals.alignment.alignment_score``)
 and the best of the first N is kept, for N = 1, 2, 4, ... up to ``--n`` (N=1 is plain sampling). The kept
 images' whole-prompt alignment is scored as ``tessera eval run`` scores it (the judge, refused below its
 bar, with its verdict scope), with Wilson 95% intervals. The judge both picks and grades, as CLIP picked

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="runs/data",
         help="where the datasets go: a local folder (default) or s3://bucket/prefix",
     )
-    parser.add_argument("--num-samples", type=int, default=2048, help="synthetic scenes to train on")
+    parser.add_argument("--num-samples", type=int, default=8192, help="synthetic scenes to train on")
     parser.add_argument(
         "--skip-training",
         action="store_true",

@@ -1,8 +1,8 @@
 """``tessera sample``: draw images for prompts from a trained DALL-E checkpoint; grid to a PNG and MLflow.
 
 Sampling settings come from ``[dalle.sampling]`` of the config; the flags override them. ``--rerank N``
-draws N images per prompt and keeps the one the evals judge scores highest for prompt alignment (the
-share of the prompt's attributes it sees), as DALL-E reranked with CLIP (``trainer/rerank.py``).
+draws N images per prompt and keeps the one the evals judge scores highest for prompt alignment
+(``evals.alignment.alignment_score``), as DALL-E reranked with CLIP (``trainer/rerank.py``).
 """
 
 from __future__ import annotations
