@@ -431,13 +431,14 @@ def render_rlhf_alignment(results: dict[str, dict]) -> str:
 
     def cell(score: dict) -> str:
         low, high = score["ci95"]
-        return f"{score['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+        return f"{score.get('accuracy', score.get('mean')):.2f} [{low:.2f}, {high:.2f}]"
 
     rows = [
         [
             name,
             group,
             *(cell(row["alignment"][group][a]) for a in RLHF_ATTRIBUTES),
+            cell(row["alignment"][group]["score"]) if "score" in row["alignment"][group] else "-",
             str(row["alignment"][group]["prompt"]["total"]),
             f"{row['kl_to_sft']:.2f}",
         ]
@@ -449,8 +450,9 @@ def render_rlhf_alignment(results: dict[str, dict]) -> str:
         f"`{report['command']}` ({report['date'][:10]}; judge `{report['judge']}`; temperature "
         f"{sampling['temperature']}, top-k {sampling['top_k']}, guidance {sampling['guidance_scale']}; "
         f"SFT `{report['results']['sft']['checkpoint']}`). Judge-read accuracy per attribute with Wilson "
-        "95% intervals; *prompt* is every attribute of the caption at once:\n\n"
-        + table(["policy", "prompts", *RLHF_ATTRIBUTES, "n", "KL to SFT (nats/image)"], rows)
+        "95% intervals; *prompt* is every attribute of the caption at once; *score* is the mean labeller "
+        "score (`alignment_score`) with a normal 95% interval:\n\n"
+        + table(["policy", "prompts", *RLHF_ATTRIBUTES, "score", "n", "KL to SFT (nats/image)"], rows)
     )
 
 
@@ -588,6 +590,7 @@ def render_schedule(results: dict[str, dict], key: str) -> str:
             rows.append(
                 [
                     name,
+                    f"{row.get('train_scenes', report['train_scenes']):,}",
                     split,
                     *([f"{cell['psnr']:.1f}", f"{cell['codes_used']:.0%}"] if with_psnr else []),
                     *(f"{scores[a]['accuracy']:.2f}" for a in attributes[:-1]),
@@ -599,11 +602,12 @@ def render_schedule(results: dict[str, dict], key: str) -> str:
     extra = f"; dVAE `{report['dvae']}`" if "dvae" in report else ""
     return (
         f"`{report['command']}` ({report['date'][:10]}; preset `{report['preset']}`, "
-        f"{report['train_scenes']:,} training scenes, {report['eval_samples']} captions per eval set, "
+        f"{report['eval_samples']} captions per eval set, "
         f"judge `{report['judge']}`{extra}):\n\n"
         + table(
             [
                 "variant",
+                "training scenes",
                 "eval set",
                 *(["PSNR dB", "codes in use"] if with_psnr else []),
                 *attributes[:-1],

@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # configs/eval/tiny.toml's [dalle.sampling]
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=32)
-    parser.add_argument("--guidance", type=float, default=3.0)  # configs/eval/tiny.toml
+    parser.add_argument("--guidance", type=float, default=1.5)  # configs/eval/tiny.toml
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rerank.json")
     return parser.parse_args(argv)

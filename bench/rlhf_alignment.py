@@ -4,7 +4,10 @@ For the first ``--samples`` captions of each eval manifest (seen and held-out co
 policy draws one image per caption with the same seeded sampler; the evals judge (refused below its
 accuracy bar) scores whole-prompt alignment, with Wilson 95% intervals. Beside it: the policy's KL to
 the SFT reference on its own samples (mean over images of the summed per-code log-ratio, the k1
-estimate of KL(policy || SFT)), i.e. what the alignment gain cost.
+estimate of KL(policy || SFT)), i.e. what the alignment gain cost; and, with a normal 95% interval, the
+mean of the labeller's graded score (``evals.alignment.alignment_score``: what the preference pairs and
+the reward model encode, so what DPO and PPO optimise). ``--guidance 1 --top-k 0`` samples as the
+preference stage and PPO's rollouts do (the policy's own distribution); the default is the evals'.
 Writes ``bench/results/rlhf_alignment.json``. Example (after ``make demo``)::
 
     .venv/bin/python bench/rlhf_alignment.py --sft runs/dalle-tiny/checkpoints \\
@@ -26,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # `python bench/rlhf_alignment.py` imports its si
 from bench.alignment_report import print_prompt_alignment, run_header  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from data_pipeline.tokenizer import iter_captions, load_tokenizer  # noqa: E402
-from evals.alignment import alignment  # noqa: E402
+from evals.alignment import alignment, alignment_score, parse_caption  # noqa: E402
 from evals.judge import judge_images, load_judge, read_card  # noqa: E402
 from evals.judge_stage import JudgeStageConfig  # noqa: E402
 from evals.run import judge_verdict_scope  # noqa: E402
@@ -54,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--samples", type=int, default=128, help="captions per eval manifest")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=32)
-    parser.add_argument("--guidance", type=float, default=3.0)  # configs/eval/tiny.toml
+    parser.add_argument("--top-k", type=int, default=32, help="0: no top-k filter")
+    parser.add_argument("--guidance", type=float, default=1.5)  # configs/eval/tiny.toml
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rlhf_alignment.json")
     return parser.parse_args(argv)
@@ -87,6 +90,22 @@ def measure(
     images = dvae.decode(codes.view(-1, side, side)).float().clamp(0, 1)
     verdicts = judge_images(judge, images)
     summary = alignment(captions, verdicts.scenes, verdicts.digits, **scope)
+    required = [parse_caption(caption) for caption in captions]
+    small_shapes = scope["small_shapes"]
+    scores = [
+        alignment_score(r, scene, d, small_shapes=small_shapes)
+        for r, scene, d in zip(required, verdicts.scenes, verdicts.digits)
+    ]
+    for group in ("seen", "heldout"):
+        values = torch.tensor(
+            [s for r, s in zip(required, scores) if r.heldout == (group == "heldout")], dtype=torch.float64
+        )
+        if len(values):
+            mean, half = (
+                float(values.mean()),
+                1.96 * float(values.std()) / len(values) ** 0.5,
+            )  # normal interval
+            summary[group]["score"] = {"mean": mean, "ci95": [mean - half, mean + half], "total": len(values)}
     kl = (image_logprobs(policy, text, codes) - image_logprobs(reference, text, codes)).sum(dim=1)
     return {"alignment": summary, "kl_to_sft": float(kl.mean()), "images": len(captions)}
 
@@ -107,7 +126,7 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     reference = load_trained(checkpoint_or_newest(args.sft))
     sampling = SamplingConfig(
-        temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance, seed=args.seed
+        temperature=args.temperature, top_k=args.top_k or None, guidance_scale=args.guidance, seed=args.seed
     )
     captions = [caption for manifest in evals for caption in first_captions(manifest, args.samples)]
     results = {}

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=FIELD=VALUE[;FIELD=VALUE...]",
-        help="repeatable; the preset itself always runs as 'preset'",
+        help="repeatable; the preset itself always runs as 'preset'; scenes=N sets the training scenes",
     )
     parser.add_argument("--train", type=int, default=2048, help="training scenes (seed 0, split train)")
     parser.add_argument("--dvae", default="runs/dvae-tiny/checkpoints", help="--stage dalle: the codes' dVAE")
@@ -201,11 +201,14 @@ def run_variant(job: tuple[argparse.Namespace, str, list[str]]) -> tuple[str, di
     from trainer.stages.dvae import DVAEStageConfig
 
     schema = {"dvae": DVAEStageConfig, "dalle": DalleStageConfig}[args.stage]
-    config = load_config(schema, args.config, overrides)
+    scenes_override = [item for item in overrides if item.startswith("scenes=")]
+    if scenes_override:
+        args = argparse.Namespace(**{**vars(args), "train": int(scenes_override[-1].split("=", 1)[1])})
+    config = load_config(schema, args.config, [item for item in overrides if item not in scenes_override])
     torch.manual_seed(config.run.seed)
     print(f"{name}: {overrides or 'the preset'}", flush=True)
     row = (run_dvae if args.stage == "dvae" else run_dalle)(args, config)
-    return name, {"overrides": overrides, **row}
+    return name, {"overrides": overrides, "train_scenes": args.train, **row}
 
 
 def main(argv=None) -> dict:

@@ -183,6 +183,35 @@ def test_dpo_moves_the_policy_toward_chosen_images(preference_data):
     assert after >= 0.75 and after > before + 0.5  # chance is 1/16 per code
 
 
+def test_dpo_nll_term_is_the_chosen_images_cross_entropy():
+    """``nll_weight`` adds w x the chosen codes' mean NLL: checked against the SFT loss's image CE."""
+    from cluster.config import load_config
+    from trainer.stages.dalle import DalleStageConfig
+    from trainer.stages.dalle import make_loss_fn as sft_loss_fn
+
+    config = load_config(DalleStageConfig, "configs/dalle/tiny.toml", []).model
+    torch.manual_seed(3)
+    model = build(config, device="cpu").double()
+    rows = 6
+    batch = {
+        "text": torch.randint(1, config.text_vocab_size, (rows, config.text_len)),
+        "chosen": torch.randint(0, config.image_vocab_size, (rows, config.image_side**2)),
+        "rejected": torch.randint(0, config.image_vocab_size, (rows, config.image_side**2)),
+        "ref_chosen": torch.randn(rows, dtype=torch.float64) - 400,
+        "ref_rejected": torch.randn(rows, dtype=torch.float64) - 400,
+        "valid": torch.ones(rows),
+    }
+    plain, _ = dpo.make_loss_fn(0.1)(model, batch, 0)
+    weighted, metrics = dpo.make_loss_fn(0.1, nll_weight=0.7)(model, batch, 0)
+    # The SFT stage's image loss: mean cross-entropy over the chosen codes, computed by other code.
+    _, sft_metrics = sft_loss_fn(config, text_weight=0.0, image_weight=1.0)(
+        model, {"text": batch["text"], "codes": batch["chosen"], "valid": batch["valid"]}, 0
+    )
+    assert metrics["chosen_nll"] == pytest.approx(sft_metrics["image_loss"], rel=1e-9)
+    # The stage casts the cached reference log-probs to float32, so the sum carries float32 rounding.
+    assert float(weighted - plain) == pytest.approx(0.7 * sft_metrics["image_loss"], rel=1e-6)
+
+
 def test_rank_candidates_takes_best_and_worst_and_skips_ties(tmp_path):
     codes = torch.arange(2 * 3 * 4).view(2, 3, 4)
     images = torch.rand(2, 3, 3, 8, 8)

@@ -39,6 +39,12 @@ class DPOSection(BaseModel):
         description="the DALL-E (SFT) checkpoint: the policy's start and the reference"
     )
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
+    nll_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the chosen images' per-code NLL added to the DPO loss (RPO, Pang et al. "
+        "2024): keeps the chosen images likely, where plain DPO may lower both and drift off the SFT's",
+    )
 
 
 class DPOStageConfig(PreferenceStageConfig):
@@ -115,7 +121,9 @@ def make_prepare(config: DPOStageConfig, table: Mapping[str, list[float]]):
     return prepare
 
 
-def make_loss_fn(beta: float):
+def make_loss_fn(beta: float, nll_weight: float = 0.0):
+    """DPO on each row's (chosen, rejected), plus ``nll_weight`` times the chosen codes' mean NLL."""
+
     def loss_fn(model: Any, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         valid = batch["valid"].bool()
         rows = {
@@ -125,7 +133,12 @@ def make_loss_fn(beta: float):
         loss, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, rows["ref_chosen"].float(), rows["ref_rejected"].float(), beta
         )
+        chosen_nll = -(chosen / rows["chosen"].shape[1]).mean()
+        metrics = {"chosen_nll": float(chosen_nll.detach())}
+        if nll_weight:
+            loss = loss + nll_weight * chosen_nll
         return loss, {
+            **metrics,
             "preference_accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
             "reward_margin": float((chosen_rewards - rejected_rewards).mean()),
             "chosen_reward": float(chosen_rewards.mean()),
@@ -152,7 +165,7 @@ def train(config: DPOStageConfig) -> dict[str, Any]:
     policy = build(config.model, device="cpu")
     policy.load_state_dict(sft_state)
     prepare = make_prepare(config, table)
-    loss_fn = make_loss_fn(config.dpo.beta)
+    loss_fn = make_loss_fn(config.dpo.beta, config.dpo.nll_weight)
     loader_options = {"tokenizer": config.data.tokenizer, "text_len": config.data.text_len}
     parts = StageParts(
         model=policy,
