@@ -438,7 +438,10 @@ def render_rlhf_alignment(results: dict[str, dict]) -> str:
             name,
             group,
             *(cell(row["alignment"][group][a]) for a in RLHF_ATTRIBUTES),
-            cell(row["alignment"][group]["score"]) if "score" in row["alignment"][group] else "-",
+            *(
+                cell(row["alignment"][group][key]) if key in row["alignment"][group] else "-"
+                for key in ("score", "score_gain")
+            ),
             str(row["alignment"][group]["prompt"]["total"]),
             f"{row['kl_to_sft']:.2f}",
         ]
@@ -451,8 +454,12 @@ def render_rlhf_alignment(results: dict[str, dict]) -> str:
         f"{sampling['temperature']}, top-k {sampling['top_k']}, guidance {sampling['guidance_scale']}; "
         f"SFT `{report['results']['sft']['checkpoint']}`). Judge-read accuracy per attribute with Wilson "
         "95% intervals; *prompt* is every attribute of the caption at once; *score* is the mean labeller "
-        "score (`alignment_score`) with a normal 95% interval:\n\n"
-        + table(["policy", "prompts", *RLHF_ATTRIBUTES, "score", "n", "KL to SFT (nats/image)"], rows)
+        "score (`alignment_score`) with a normal 95% interval, and its gain over the SFT row on the same "
+        "captions and seeds (paired, normal 95% interval):\n\n"
+        + table(
+            ["policy", "prompts", *RLHF_ATTRIBUTES, "score", "score gain", "n", "KL to SFT (nats/image)"],
+            rows,
+        )
     )
 
 
@@ -613,7 +620,7 @@ def render_schedule(results: dict[str, dict], key: str) -> str:
                 *attributes[:-1],
                 "prompt [95% CI]",
                 "mean score",
-                "train s (1 thread)",
+                f"train s (1 thread, {report.get('parallel', 1)} variants at once)",
             ],
             rows,
         )

@@ -83,7 +83,8 @@ def measure(
     captions: list[str],
     sampling: SamplingConfig,
     scope: dict[str, bool],
-) -> dict:
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Judge-read alignment and KL to the SFT; per-image alignment scores, and which prompts are held out."""
     text = tokenizer.encode_batch(captions, policy.config.text_len)
     codes = generate_codes(policy, text, sampling, torch.Generator().manual_seed(sampling.seed))
     side = policy.config.image_side
@@ -91,23 +92,19 @@ def measure(
     verdicts = judge_images(judge, images)
     summary = alignment(captions, verdicts.scenes, verdicts.digits, **scope)
     required = [parse_caption(caption) for caption in captions]
-    small_shapes = scope["small_shapes"]
     scores = [
-        alignment_score(r, scene, d, small_shapes=small_shapes)
+        alignment_score(r, scene, d, small_shapes=scope["small_shapes"])
         for r, scene, d in zip(required, verdicts.scenes, verdicts.digits)
     ]
-    for group in ("seen", "heldout"):
-        values = torch.tensor(
-            [s for r, s in zip(required, scores) if r.heldout == (group == "heldout")], dtype=torch.float64
-        )
-        if len(values):
-            mean, half = (
-                float(values.mean()),
-                1.96 * float(values.std()) / len(values) ** 0.5,
-            )  # normal interval
-            summary[group]["score"] = {"mean": mean, "ci95": [mean - half, mean + half], "total": len(values)}
     kl = (image_logprobs(policy, text, codes) - image_logprobs(reference, text, codes)).sum(dim=1)
-    return {"alignment": summary, "kl_to_sft": float(kl.mean()), "images": len(captions)}
+    measured = {"alignment": summary, "kl_to_sft": float(kl.mean()), "images": len(captions)}
+    return measured, torch.tensor(scores, dtype=torch.float64), torch.tensor([r.heldout for r in required])
+
+
+def mean_interval(values: torch.Tensor) -> dict:
+    """Mean and normal 95% interval of per-image scores (or of per-caption differences: a paired test)."""
+    mean, half = float(values.mean()), 1.96 * float(values.std()) / len(values) ** 0.5
+    return {"mean": mean, "ci95": [mean - half, mean + half], "total": len(values)}
 
 
 def main(argv=None) -> int:
@@ -129,13 +126,19 @@ def main(argv=None) -> int:
         temperature=args.temperature, top_k=args.top_k or None, guidance_scale=args.guidance, seed=args.seed
     )
     captions = [caption for manifest in evals for caption in first_captions(manifest, args.samples)]
-    results = {}
+    results, sft_scores = {}, None
     for name, checkpoint in policies.items():
         url = checkpoint_or_newest(checkpoint)
-        results[name] = {
-            "checkpoint": url,
-            **measure(load_trained(url), reference, dvae, judge, tokenizer, captions, sampling, scope),
-        }
+        measured, scores, heldout = measure(
+            load_trained(url), reference, dvae, judge, tokenizer, captions, sampling, scope
+        )
+        sft_scores = scores if sft_scores is None else sft_scores  # "sft" is measured first
+        for group, rows in (("seen", ~heldout), ("heldout", heldout)):
+            if rows.any():
+                measured["alignment"][group]["score"] = mean_interval(scores[rows])
+                # Same captions and seeds as the SFT row: the per-caption difference is the paired test.
+                measured["alignment"][group]["score_gain"] = mean_interval(scores[rows] - sft_scores[rows])
+        results[name] = {"checkpoint": url, **measured}
     print_prompt_alignment(results, "policy", "KL to SFT", lambda result, group: f"{result['kl_to_sft']:.2f}")
     report = {
         **run_header("rlhf_alignment"),

@@ -223,6 +223,7 @@ def main(argv=None) -> dict:
         "preset": args.config,
         "train_scenes": args.train,
         "eval_samples": args.samples,
+        "parallel": args.parallel,
         "judge": shown(args.judge),
         **({"dvae": shown(args.dvae)} if args.stage == "dalle" else {}),
         "variants": rows,
