@@ -134,6 +134,17 @@ def _best_match(objects: tuple[dict[str, str], ...], scene: list[SceneObject]) -
     return best
 
 
+def _position_shown(matched: list[SceneObject | None], position: tuple[int, int]) -> bool:
+    return matched[0] is not None and (matched[0].row, matched[0].col) == position
+
+
+def _relation_shown(scene: list[SceneObject], objects: tuple[dict[str, str], ...], relation: str) -> bool:
+    """The relation holds between some pair of detected objects that fully match subject and object."""
+    subjects = [s for s in scene if s.matches(objects[0])]
+    others = [s for s in scene if s.matches(objects[1])]
+    return any(s is not o and relation_holds(s, o, relation) for s in subjects for o in others)
+
+
 def score_image(
     required: Requirements, scene: list[SceneObject], digit: int, *, small_shapes: bool = True
 ) -> dict[str, bool]:
@@ -157,14 +168,9 @@ def score_image(
             verdict[attribute] = all(hits)
     whole = [m is not None and m.matches(o) for o, m in zip(objects, matched)]
     if required.position is not None:
-        verdict["position"] = matched[0] is not None and (matched[0].row, matched[0].col) == required.position
+        verdict["position"] = _position_shown(matched, required.position)
     if required.relation is not None:
-        # The relation holds between some pair of detected objects that fully match subject and object.
-        subjects = [s for s in scene if s.matches(objects[0])]
-        others = [s for s in scene if s.matches(objects[1])]
-        verdict["relation"] = any(
-            s is not o and relation_holds(s, o, required.relation) for s in subjects for o in others
-        )
+        verdict["relation"] = _relation_shown(scene, objects, required.relation)
     verdict["count"] = len(scene) == len(required.objects)
     verdict["prompt"] = all(whole) and all(verdict.values())
     return verdict
@@ -184,12 +190,14 @@ def alignment_score(
     """
     if required.digit is not None:
         return float(digit == required.digit)
-    verdict = score_image(required, scene, digit, small_shapes=small_shapes)
     objects = tuple(judged(o, small_shapes) for o in required.objects)
     matched = _best_match(objects, scene)
     agreement = sum(_agreement(o, m) / len(o) for o, m in zip(objects, matched) if m is not None)
     terms = [agreement / max(len(objects), len(scene))]
-    terms += [float(verdict[name]) for name in ("relation", "position") if name in verdict]
+    if required.relation is not None:
+        terms.append(float(_relation_shown(scene, objects, required.relation)))
+    if required.position is not None:
+        terms.append(float(_position_shown(matched, required.position)))
     return sum(terms) / len(terms)
 
 
