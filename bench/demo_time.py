@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "demo_time",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "bench/demo_time.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "bench/demo_time.py", *(sys.argv[1:] if argv is None else argv)]),
         "device": f"{platform.machine()}, {os.cpu_count()} cores, no GPU"
         if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
