@@ -49,7 +49,7 @@ def frechet_distance(
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all() or _imaginary_part(covmean) > IMAGINARY_TOLERANCE:
         # A singular or near-singular product (fewer samples than dimensions: the demo's 64 samples of
-        # 128 features gave a 0.0036 imaginary part): regularise both, as clean-fid does when non-finite.
+        # 288 judge features gave a 0.0036 imaginary part): regularise both, as clean-fid does.
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):

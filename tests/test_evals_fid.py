@@ -72,8 +72,8 @@ def test_singular_covariances_give_a_finite_distance():
 
 
 def test_nearly_singular_covariances_are_regularised_not_refused():
-    """64 samples of 128 scaled features (the demo's eval shape): plain sqrtm leaves an imaginary part
-    above tolerance; the eps*I retry must give the distance instead of refusing the run."""
+    """64 samples of 128 scaled features (fewer samples than dimensions, as the demo's eval has: 64 of
+    288): plain sqrtm leaves an imaginary part above tolerance; the eps*I retry must give the distance."""
     rng = np.random.default_rng(0)
     for _ in range(40):
         a = rng.normal(size=(64, 128)) @ rng.normal(size=(128, 128)) * rng.uniform(0.01, 3, size=128)
