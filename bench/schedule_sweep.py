@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import sys
 import time
@@ -80,17 +79,25 @@ def scenes(count: int) -> tuple[torch.Tensor, list[str]]:
 def judged(args: argparse.Namespace, images_by_split: dict[str, tuple[list[str], torch.Tensor]]) -> dict:
     """Per split: judge-read accuracy per attribute (Wilson intervals) and the mean alignment score."""
     from cluster.commands.rlhf import JudgeLabeller
-    from evals.alignment import alignment
+    from evals.alignment import alignment, alignment_score, parse_caption
     from evals.judge import judge_images
 
     labeller = JudgeLabeller(args.judge, args.judge_config)
+    small_shapes = labeller.small_shapes
     report = {}
     for split, (captions, images) in images_by_split.items():
         verdicts = judge_images(labeller.judge, images)
-        scores = alignment(captions, verdicts.scenes, verdicts.digits, small_shapes=labeller.small_shapes)
-        group = scores["all"]
+        group = alignment(captions, verdicts.scenes, verdicts.digits, small_shapes=small_shapes)["all"]
         report[split] = {name: group[name] for name in ATTRIBUTES if name in group}
-        report[split]["score"] = float(np.mean(labeller.score(captions, images, [""] * len(captions))))
+        # The labeller's score, from the verdicts already read (not a second judge pass).
+        report[split]["score"] = float(
+            np.mean(
+                [
+                    alignment_score(parse_caption(caption), scene, digit, small_shapes=small_shapes)
+                    for caption, scene, digit in zip(captions, verdicts.scenes, verdicts.digits)
+                ]
+            )
+        )
     return report
 
 
@@ -122,12 +129,12 @@ def run_dvae(args: argparse.Namespace, config) -> dict:
     from trainer.engine import Engine
     from trainer.losses.vae import codebook_usage, psnr
     from trainer.models import build
-    from trainer.stages.dvae import make_loss
+    from trainer.stages.dvae import init_batch_size, make_loss
 
     images, _ = scenes(args.train)
     model = build(config.model, device="cpu")
     if config.dvae.init_logits_from_data:
-        model.init_code_logits(images[: math.ceil(4 * config.model.vocab_size / config.model.latent_size**2)])
+        model.init_code_logits(images[: init_batch_size(config)])
     engine = Engine(model, config.engine, make_loss(config))
     draws = torch.Generator().manual_seed(config.run.seed)
     size = config.engine.micro_batch_size

@@ -130,10 +130,16 @@ def validation_images(config: DVAEStageConfig) -> torch.Tensor:
     return prepare_batch(fixed_validation_batch(config))["image"]
 
 
+def init_batch_size(config: DVAEStageConfig) -> int:
+    """Images enough for >= 4 latent positions per code: what ``init_code_logits`` samples from."""
+    return math.ceil(4 * config.model.vocab_size / config.model.latent_size**2)
+
+
 def training_images(config: DVAEStageConfig) -> torch.Tensor:
     """The first training batch (the same on every rank) with >= 4 latent positions per code."""
-    count = math.ceil(4 * config.model.vocab_size / config.model.latent_size**2)
-    loader = open_loader(config.data.manifest, rank=0, world_size=1, batch_size=count, seed=config.run.seed)
+    loader = open_loader(
+        config.data.manifest, rank=0, world_size=1, batch_size=init_batch_size(config), seed=config.run.seed
+    )
     return prepare_batch(next(iter(loader)))["image"]
 
 
